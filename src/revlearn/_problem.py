@@ -1,0 +1,78 @@
+"""The inner problem shared by every method: loss, flattening, one gradient.
+
+`sgd` closure-converts the user's `loss_fn` (and optional `path_fn`) once, so
+that values it closes over that could carry a derivative become explicit
+arguments (`consts`) and get hypergradients like `hypers` do. `theta` below is
+the pair (hypers, consts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Problem(NamedTuple):
+    """Static description of the inner problem.
+
+    `objective(params, hypers, step, *consts) -> (loss, path_term)` (scalars);
+    `treedef`, `shapes`, `dtypes` describe params0's leaves; `steps` is T.
+    """
+
+    objective: Callable
+    treedef: Any
+    shapes: tuple
+    dtypes: tuple
+    steps: int
+    has_path: bool
+
+    @property
+    def sizes(self) -> list[int]:
+        out = []
+        for s in self.shapes:
+            n = 1
+            for d in s:
+                n *= d
+            out.append(n)
+        return out
+
+    def flatten(self, tree) -> jax.Array:
+        """Pytree like params0 -> flat [P] float64."""
+        leaves = jax.tree_util.tree_leaves(tree)
+        if not leaves:
+            return jnp.zeros((0,), jnp.float64)
+        return jnp.concatenate([jnp.ravel(l).astype(jnp.float64) for l in leaves])
+
+    def unflatten(self, flat: jax.Array, dtypes=None):
+        """Flat [P] -> pytree like params0, each leaf cast to its own dtype."""
+        dtypes = self.dtypes if dtypes is None else dtypes
+        leaves, start = [], 0
+        for shape, size, dt in zip(self.shapes, self.sizes, dtypes):
+            leaves.append(flat[start:start + size].reshape(shape).astype(dt))
+            start += size
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def gradient(self, params, theta, step):
+        """(grad_w loss [pytree like params], path term) at (params, theta, step)."""
+        hypers, consts = theta
+
+        def loss(p):
+            l, path = self.objective(p, hypers, step, *consts)
+            return l, path
+
+        return jax.grad(loss, has_aux=True)(params)
+
+
+def split_inexact(tree):
+    """Split a pytree into (floating leaves or None, other leaves or None)."""
+    is_f = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    f = jax.tree_util.tree_map(lambda x: x if is_f(x) else None, tree)
+    o = jax.tree_util.tree_map(lambda x: None if is_f(x) else x, tree)
+    return f, o
+
+
+def merge(f, o):
+    return jax.tree_util.tree_map(lambda a, b: a if b is None else b, f, o,
+                                  is_leaf=lambda x: x is None)

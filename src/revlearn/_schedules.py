@@ -1,0 +1,171 @@
+"""Hyperparameter schedules of `sgd`: scalar, per step, per group, per weight.
+
+`lr` and `momentum` are each one of
+
+* a scalar: the same value for every weight at every step;
+* an array of shape [steps]: one value per step for every weight;
+* a pytree that is a prefix of `params0`: each leaf applies to the params
+  subtree below it and is a scalar, a [steps] schedule, or, when it sits on a
+  single params leaf of shape S, per weight (shape S) or per step and weight
+  (shape [steps, *S]). The explicit forms [1, *B] and [steps, *B], with B
+  broadcastable to S, remove any ambiguity (e.g. a leaf of shape (steps,) that
+  is also S).
+
+`normalise` turns a spec into a `Schedule`: for each params leaf i exactly one of
+`constant[i]` (shape B_i) or `stepwise[i]` (shape [steps, *B_i]), B_i broadcastable
+to the leaf's shape. `values(schedule, slices)` gives the per-leaf arrays at one
+step; the stepwise arrays travel through `lax.scan` as `xs`, so the gradient of
+each step's slice comes back as a scan output instead of an O(steps) scatter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GAMMA_DENOMINATOR = 1 << 16
+
+
+class Schedule(NamedTuple):
+    """Per params leaf: `constant[i]` [*B_i] or None, `stepwise[i]` [steps, *B_i] or None."""
+
+    constant: tuple
+    stepwise: tuple
+
+
+def _is_array_like(x) -> bool:
+    return isinstance(x, (int, float, np.ndarray, np.generic, jax.Array)) and not isinstance(x, bool)
+
+
+def _path(p) -> str:
+    return jax.tree_util.keystr(p) or "<root>"
+
+
+def _leaf_schedule(name: str, where: str, spec, shape: tuple, steps: int, single_leaf: bool):
+    """One params leaf of `shape` under spec -> ("constant" | "stepwise", array)."""
+    a = jnp.asarray(spec)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        a = a.astype(jnp.result_type(float))
+    s = a.shape
+    hint = (f"Allowed for {name}{where}: a scalar, shape ({steps},) for one value per step"
+            + (f", {shape} per weight, ({steps}, *{shape}) per step and weight, or the explicit "
+               f"forms (1, *B) / ({steps}, *B) with B broadcastable to {shape}" if single_leaf else
+               " (it covers several params leaves, so per-weight shapes are not possible here)"))
+    if a.ndim == 0:
+        return "constant", a
+    if single_leaf and s == (steps,) and shape == (steps,):
+        raise ValueError(
+            f"{name}{where} has shape {s}, which is both the number of steps ({steps}) and the "
+            f"weight's shape {shape}, so it is ambiguous. Write it as shape ({steps}, 1) for a "
+            f"per-step schedule or (1, {steps}) for one value per weight.")
+    if s == (steps,) and not (single_leaf and s == shape):
+        return "stepwise", a.reshape((steps,) + (1,) * len(shape))
+    if single_leaf and s == shape:
+        return "constant", a
+    if single_leaf and a.ndim == len(shape) + 1 and s[0] in (1, steps):
+        try:
+            np.broadcast_shapes(s[1:], shape)
+        except ValueError:
+            raise ValueError(f"{name}{where} has shape {s}, whose trailing dims do not broadcast "
+                             f"to the weight's shape {shape}. {hint}.") from None
+        if np.broadcast_shapes(s[1:], shape) != tuple(shape):
+            raise ValueError(f"{name}{where} has shape {s}, which would broadcast the weight's "
+                             f"shape {shape} to something larger. {hint}.")
+        if s[0] == steps and steps > 1:
+            return "stepwise", a
+        return "constant", a[0]
+    raise ValueError(f"{name}{where} has shape {s}, which fits neither steps={steps} nor the "
+                     f"weight's shape {shape}. {hint}.")
+
+
+def normalise(name: str, spec: Any, params0: Any, steps: int) -> Schedule:
+    """Validate `spec` (see module docstring) against `params0` and `steps`."""
+    leaves, treedef = jax.tree_util.tree_flatten(params0)
+    shapes = [tuple(jnp.shape(l)) for l in leaves]
+    if spec is None:
+        raise ValueError(f"{name} is required: pass a scalar, a [steps] array, or a pytree "
+                         "shaped like params0.")
+    if _is_array_like(spec):
+        per_leaf = [(_path(()), spec, False)] * len(leaves)
+    else:
+        try:
+            sub = jax.tree_util.tree_map_with_path(
+                lambda p, s, subtree: (p, s, subtree), spec, params0,
+                is_leaf=lambda x: x is None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"{name} is a {type(spec).__name__} whose structure is not a prefix of params0's "
+                f"({treedef}): {e}. Pass a scalar, a [steps] array, or a pytree with params0's "
+                "structure (or a prefix of it, e.g. one entry per layer).") from None
+        per_leaf = []
+        for p, s, subtree in jax.tree_util.tree_leaves(
+                sub, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], tuple)):
+            n_sub = len(jax.tree_util.tree_leaves(subtree))
+            if s is None:
+                raise ValueError(f"{name}{_path(p)} is None; give a value for every params leaf.")
+            per_leaf.extend([(_path(p), s, n_sub == 1)] * n_sub)
+    constant, stepwise = [], []
+    for (where, s, single), shape in zip(per_leaf, shapes):
+        where = "" if where == "<root>" else where
+        kind, a = _leaf_schedule(name, where, s, shape, steps, single)
+        constant.append(a if kind == "constant" else None)
+        stepwise.append(a if kind == "stepwise" else None)
+    return Schedule(tuple(constant), tuple(stepwise))
+
+
+def step_slices(schedule: Schedule):
+    """The `xs` for `lax.scan`: the stepwise arrays (leaves [steps, ...]); None elsewhere."""
+    return schedule.stepwise
+
+
+def values(schedule: Schedule, slices, shapes: list[tuple], dtypes: list) -> list[jax.Array]:
+    """Per-leaf hyperparameter arrays at one step (broadcast to each leaf's shape and dtype)."""
+    out = []
+    for c, s, shape, dt in zip(schedule.constant, slices, shapes, dtypes):
+        a = c if c is not None else s
+        out.append(jnp.broadcast_to(a.astype(dt), shape))
+    return out
+
+
+def flat(schedule: Schedule, slices, shapes: list[tuple]) -> jax.Array:
+    """The flat [P] float64 vector of one step's values (for the fixed-point core)."""
+    vals = values(schedule, slices, shapes, [jnp.float64] * len(shapes))
+    return jnp.concatenate([v.ravel() for v in vals]) if vals else jnp.zeros((0,))
+
+
+def is_concrete(schedule: Schedule) -> bool:
+    return not any(isinstance(a, jax.core.Tracer)
+                   for a in jax.tree_util.tree_leaves(schedule))
+
+
+def numerators(gamma: jax.Array) -> jax.Array:
+    """n = round(gamma * 2^16): momentum is applied as exactly n / 2^16 (int64)."""
+    return jnp.round(jnp.asarray(gamma, jnp.float64) * GAMMA_DENOMINATOR).astype(jnp.int64)
+
+
+def rounded_momentum(gamma: jax.Array) -> jax.Array:
+    """n / 2^16 with the derivative of the identity (straight-through), in gamma's dtype."""
+    q = (jnp.round(gamma * GAMMA_DENOMINATOR) / GAMMA_DENOMINATOR).astype(gamma.dtype)
+    return gamma + jax.lax.stop_gradient(q - gamma)
+
+
+def check_concrete(name: str, schedule: Schedule, momentum: bool) -> None:
+    """Reject bad values now when they are known (not traced)."""
+    for i, a in enumerate(list(schedule.constant) + list(schedule.stepwise)):
+        if a is None or isinstance(a, jax.core.Tracer):
+            continue
+        a = np.asarray(a, np.float64)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains non-finite values ({a[~np.isfinite(a)][:3]} ...). "
+                             f"Pass finite {name} values.")
+        if momentum:
+            n = np.round(a * GAMMA_DENOMINATOR)
+            if np.any(n < 1) or np.any(n > GAMMA_DENOMINATOR - 1):
+                bad = a[(n < 1) | (n > GAMMA_DENOMINATOR - 1)].ravel()[:3]
+                raise ValueError(
+                    f"momentum must lie strictly inside (0, 1) (it is applied as n/65536 with "
+                    f"1 <= n <= 65535), got {bad.tolist()}. Use e.g. 0.9, or a logit "
+                    "parameterisation to keep it inside.")

@@ -11,7 +11,7 @@ All three compute the same function and the same derivatives.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,25 @@ def sgd(loss_fn: Callable, params0: Any, hypers: Any = None, *, lr: Any, momentu
     if not isinstance(method, (Reversible, Unrolled, Checkpointed)):
         raise TypeError(f"method={method!r} is not a revlearn method: use revlearn.Reversible(), "
                         "revlearn.Unrolled() or revlearn.Checkpointed().")
+    p = prepare(loss_fn, params0, hypers, lr=lr, momentum=momentum, steps=steps, v0=v0,
+                path_fn=path_fn)
+    params_T, path = method.solve(p.problem, p.params0, p.v0, p.theta, p.lr, p.momentum)
+    return (params_T, path) if path_fn is not None else params_T
+
+
+class Prepared(NamedTuple):
+    """What every method solves: the problem, flat-ready inputs and normalised schedules."""
+
+    problem: Problem
+    params0: Any
+    v0: Any
+    theta: Any
+    lr: _schedules.Schedule
+    momentum: _schedules.Schedule
+
+
+def prepare(loss_fn, params0, hypers, *, lr, momentum, steps, v0=None, path_fn=None) -> Prepared:
+    """Validate the arguments of `sgd` and build the `Problem` (shared with the checker)."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn={loss_fn!r} is not callable: pass loss_fn(params, hypers, step).")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -101,5 +120,4 @@ def sgd(loss_fn: Callable, params0: Any, hypers: Any = None, *, lr: Any, momentu
                       dtypes=tuple(jnp.result_type(l) for l in leaves),
                       steps=steps, has_path=path_fn is not None)
     v0 = jax.tree_util.tree_map(lambda v, p: jnp.asarray(v, jnp.result_type(p)), v0, params0)
-    params_T, path = method.solve(problem, params0, v0, (hypers, tuple(consts)), lr_s, mom_s)
-    return (params_T, path) if path_fn is not None else params_T
+    return Prepared(problem, params0, v0, (hypers, tuple(consts)), lr_s, mom_s)

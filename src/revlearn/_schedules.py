@@ -46,7 +46,8 @@ def _path(p) -> str:
 
 def _leaf_schedule(name: str, where: str, spec, shape: tuple, steps: int, single_leaf: bool):
     """One params leaf of `shape` under spec -> ("constant" | "stepwise", array)."""
-    a = jnp.asarray(spec)
+    # Keep concrete inputs as numpy (even under jit) so the buffer can be sized from them.
+    a = spec if isinstance(spec, jax.Array) else np.asarray(spec)
     if not jnp.issubdtype(a.dtype, jnp.floating):
         a = a.astype(jnp.result_type(float))
     s = a.shape

@@ -1,0 +1,35 @@
+"""MNIST data: a strict IDX reader, the bundled test set, a verified cached
+download of the full set, and deterministic splits. Depends on numpy only."""
+
+from revlearn.data._download import (
+    MNIST_MIRRORS,
+    MNIST_SHA256,
+    DownloadError,
+    download_file,
+    download_mnist,
+    sha256_uncompressed,
+)
+from revlearn.data._idx import encode_idx, parse_idx, read_idx
+from revlearn.data._mnist import N_CLASSES, N_TRAIN, Dataset, load_mnist, mnist_dir, one_hot
+from revlearn.data._splits import class_balanced_indices, split, subtract_mean
+
+__all__ = [
+    "MNIST_MIRRORS",
+    "MNIST_SHA256",
+    "N_CLASSES",
+    "N_TRAIN",
+    "Dataset",
+    "DownloadError",
+    "class_balanced_indices",
+    "download_file",
+    "download_mnist",
+    "encode_idx",
+    "load_mnist",
+    "mnist_dir",
+    "one_hot",
+    "parse_idx",
+    "read_idx",
+    "sha256_uncompressed",
+    "split",
+    "subtract_mean",
+]

@@ -1,0 +1,16 @@
+"""The default float dtype of model parameters."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+__all__ = ["resolve_dtype"]
+
+
+def resolve_dtype(dtype=None):
+    """``dtype`` as a numpy dtype; ``None`` means JAX's default float
+    (float64 when ``jax_enable_x64`` is on, else float32)."""
+    dtype = jnp.asarray(0.0).dtype if dtype is None else jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a float dtype, got {dtype}; use jnp.float32 or jnp.float64")
+    return dtype

@@ -104,10 +104,32 @@ def pop_bits16(buf: Buffer) -> tuple[Buffer, jax.Array, jax.Array]:
     return buf, r.astype(jnp.int64), under
 
 
+def _divmod(x: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact floor division and remainder in [0, d) of int64 x (|x| < 2^63) by 1 <= d < 2^32.
+
+    Avoids 64-bit integer division, which XLA cannot vectorise: a float64
+    estimate of the quotient is off by at most about 2^10 / d + 1; the remainder
+    it leaves is small enough for a second float estimate, off by at most one
+    whatever the rounding (XLA may divide by multiplying with a reciprocal), and
+    integer corrections make the result exact. Because the result is then
+    unique, every fusion of this computation gives the same bits.
+    """
+    df = d.astype(jnp.float64)
+    q = jnp.floor(x.astype(jnp.float64) / df).astype(jnp.int64)
+    r = x - q * d
+    c = jnp.floor(r.astype(jnp.float64) / df).astype(jnp.int64)
+    q, r = q + c, r - c * d
+    for _ in range(2):
+        low, high = r < 0, r >= d
+        q = q - low.astype(jnp.int64) + high.astype(jnp.int64)
+        r = r + jnp.where(low, d, 0) - jnp.where(high, d, 0)
+    return q, r
+
+
 def _uniform_table(n: jax.Array) -> tuple[jax.Array, jax.Array]:
     """q = M div n and rem = M mod n (uint64 [P]) for U[0, n)."""
-    n = n.astype(U64)
-    return U64(M) // n, U64(M) % n
+    q, rem = _divmod(jnp.full(n.shape, M, jnp.int64), n.astype(jnp.int64))
+    return q.astype(U64), rem.astype(U64)
 
 
 def push_uniform(buf: Buffer, s: jax.Array, n: jax.Array) -> tuple[Buffer, jax.Array]:
@@ -118,7 +140,8 @@ def push_uniform(buf: Buffer, s: jax.Array, n: jax.Array) -> tuple[Buffer, jax.A
     f = q + below.astype(U64)
     c = s * q + jnp.minimum(s, rem)
     buf, full = _push_word(buf, buf.x >= (f << U64(32)))
-    x = (buf.x // f << U64(PRECISION_BITS)) + (buf.x % f) + c
+    d, r = _divmod(buf.x.astype(jnp.int64), f.astype(jnp.int64))  # x < 2^63: no sign issue
+    x = (d.astype(U64) << U64(PRECISION_BITS)) + r.astype(U64) + c
     return buf._replace(x=x), full
 
 
@@ -128,7 +151,10 @@ def pop_uniform(buf: Buffer, n: jax.Array) -> tuple[Buffer, jax.Array, jax.Array
     y = buf.x & U64(M - 1)
     split = rem * (q + U64(1))
     low = y < split
-    s = jnp.where(low, y // (q + U64(1)), rem + (y - jnp.where(low, U64(0), split)) // q)
+    yi, qi = y.astype(jnp.int64), q.astype(jnp.int64)
+    s_low, _ = _divmod(yi, qi + 1)
+    s_high, _ = _divmod(yi - jnp.where(low, 0, split.astype(jnp.int64)), qi)
+    s = jnp.where(low, s_low, rem.astype(jnp.int64) + s_high).astype(U64)
     f = q + (s < rem).astype(U64)
     c = s * q + jnp.minimum(s, rem)
     x = f * (buf.x >> U64(PRECISION_BITS)) + y - c
@@ -150,8 +176,7 @@ def multiply_by_gamma(v: jax.Array, n: jax.Array, buf: Buffer) -> tuple[jax.Arra
 
 def divide_by_gamma(v: jax.Array, n: jax.Array, buf: Buffer) -> tuple[jax.Array, Buffer, Flags]:
     """Exact inverse of `multiply_by_gamma`: V -> V * 2^16 / n, bits restored from `buf`."""
-    s = jnp.remainder(v, n)
-    a = jnp.floor_divide(v, n)
+    a, s = _divmod(v, n)
     buf, full = push_uniform(buf, s, n)
     buf, r, under = pop_bits16(buf)
     return a * jnp.int64(1 << 16) + r, buf, Flags(full, under)

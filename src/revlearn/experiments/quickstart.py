@@ -1,0 +1,330 @@
+"""Quickstart: learn a learning-rate schedule and an L2 strength by
+hypergradient descent through exactly reversible SGD.
+
+Model: logistic regression on MNIST, w = [{"w": [784, 10], "b": [10]}], w_0 = 0.
+Training (T steps of SGD with momentum, minibatch of step t drawn from
+key_i = fold_in(PRNGKey(seed), i) at meta-iteration i):
+
+    L_train(w, t) = NLL(w; batch_t) + lambda * ||w||^2
+    v_{t+1} = gamma v_t - (1 - gamma) grad L_train(w_t, t),  w_{t+1} = w_t + alpha_t v_{t+1}
+
+Hyperparameters, unconstrained: `log_lr` (log alpha_t, one per step, or, with
+`n_freq > 0`, the coefficients c of log alpha = B c on the first n_freq DCT
+vectors B of `revlearn.spaces.fourier_basis`) and `log_l2` (log lambda).
+Meta-objective: the validation NLL after training, f(theta) = NLL(w_T; valid);
+its gradient comes from `revlearn.sgd(..., method=Reversible(...))` and Adam
+(optax) updates theta for `meta_iterations` iterations.
+
+The final evaluation retrains with a minibatch order never used during
+meta-training (key_N) from the initial and the learned hyperparameters, and
+records the training loss at every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import revlearn
+from revlearn import data as rdata
+from revlearn import models, spaces
+from revlearn.meta import RunDir, iteration_key, meta_optimize
+
+from ._registry import Experiment, register
+
+__all__ = ["Config", "run", "plot", "EXPERIMENT"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of the quickstart (defaults run in about two minutes on 2 CPU cores)."""
+
+    seed: int = 0
+    data: Literal["embedded", "mnist"] = "embedded"
+    data_dir: str | None = None
+    n_train: int = 1000
+    n_valid: int = 1000
+    n_test: int = 1000
+    batch_size: int = 100
+    steps: int = 100
+    momentum: float = 0.9
+    init_lr: float = 0.1
+    init_l2: float = 1e-4
+    n_freq: int = 0  # 0: one free log-lr per step; k > 0: k smooth DCT coefficients
+    meta_lr: float = 0.1
+    meta_iterations: int = 40
+    clip: float | None = None
+
+    def __post_init__(self):
+        for name in ("n_train", "n_valid", "n_test", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.batch_size > self.n_train:
+            raise ValueError(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
+        if not 0.0 < self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
+        if self.init_lr <= 0 or self.init_l2 <= 0:
+            raise ValueError("init_lr and init_l2 must be positive (they are learned in log space)")
+        if not 0 <= self.n_freq <= self.steps:
+            raise ValueError(f"n_freq={self.n_freq} must lie in [0, steps={self.steps}]")
+        if self.meta_iterations < 0:
+            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+
+
+SMOKE = Config(n_train=200, n_valid=200, n_test=200, batch_size=50, steps=10, meta_iterations=3)
+
+
+# -- the problem -----------------------------------------------------------------
+
+def _splits(config: Config) -> dict[str, tuple[jax.Array, jax.Array]]:
+    pool = rdata.load_mnist(config.data, config.data_dir)
+    parts = rdata.split(pool, {"train": config.n_train, "valid": config.n_valid,
+                               "test": config.n_test}, config.seed)
+    return {k: (jnp.asarray(d.images, jnp.float64), jnp.asarray(d.onehot, jnp.float64))
+            for k, d in parts.items()}
+
+
+def _initial_hypers(config: Config) -> dict:
+    log_lr = jnp.full((config.steps,), math.log(config.init_lr))
+    basis = _Static.of(config).basis()
+    if basis is not None:
+        log_lr = spaces.fit_coeffs(log_lr, basis)
+    return {"log_lr": log_lr, "log_l2": jnp.asarray(math.log(config.init_l2))}
+
+
+def _constrained(theta: dict, basis) -> dict:
+    """{"lr": [steps], "l2": scalar} from the unconstrained hyperparameters."""
+    log_lr = theta["log_lr"] if basis is None else spaces.smooth_schedule(theta["log_lr"], basis)
+    return spaces.constrain({"log_lr": log_lr, "log_l2": theta["log_l2"]})
+
+
+def _params0():
+    return [{"w": jnp.zeros((784, 10), jnp.float64), "b": jnp.zeros((10,), jnp.float64)}]
+
+
+class _Static(NamedTuple):
+    """The settings that fix the compiled programs (hashable: a jit static argument).
+    The data and the seed are arguments, so runs over several seeds compile once."""
+
+    steps: int
+    batch_size: int
+    momentum: float
+    n_freq: int
+
+    @classmethod
+    def of(cls, config: Config) -> _Static:
+        return cls(config.steps, config.batch_size, config.momentum, config.n_freq)
+
+    def basis(self):
+        return spaces.fourier_basis(self.steps, self.n_freq, jnp.float64) if self.n_freq else None
+
+
+def _train_loss(params, h, step, *, batch_size):
+    xb, yb = models.minibatch(h["x"], h["y"], batch_size, step, h["key"])
+    return (models.nll(models.logistic_apply(params, xb), yb)
+            + h["l2"] * models.l2_penalty(params, 1.0))
+
+
+def _evaluate(params, data) -> dict:
+    out = {}
+    for name in ("train", "valid", "test"):
+        x, y = data[name]
+        logp = models.logistic_apply(params, x)
+        out[f"{name}_loss"] = models.nll(logp, y)
+        out[f"{name}_error"] = models.error_rate(logp, y)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="static")
+def _hypergrad(theta, key, data, static: _Static):
+    """(validation loss, d loss / d theta, metrics of the trained weights)."""
+
+    def meta_objective(theta):
+        h = _constrained(theta, static.basis())
+        x, y = data["train"]
+        params = revlearn.sgd(
+            functools.partial(_train_loss, batch_size=static.batch_size), _params0(),
+            {"l2": h["l2"], "key": key, "x": x, "y": y}, lr=h["lr"],
+            momentum=static.momentum, steps=static.steps,
+            method=revlearn.Reversible(min_momentum=static.momentum))
+        metrics = _evaluate(params, data)
+        return metrics["valid_loss"], metrics
+
+    (loss, metrics), grads = jax.value_and_grad(meta_objective, has_aux=True)(theta)
+    return loss, grads, metrics
+
+
+@functools.partial(jax.jit, static_argnames="static")
+def _curves(theta, key, data, static: _Static):
+    """Retrain, recording the full training and validation loss at every step:
+    ([steps + 1] train loss, [steps + 1] validation loss, final metrics)."""
+    h = _constrained(theta, static.basis())
+    x, y = data["train"]
+    hyp = {"l2": h["l2"], "key": key, "x": x, "y": y}
+    # momentum as revlearn.sgd applies it: round(gamma * 2^16) / 2^16
+    gamma = jnp.round(static.momentum * 2.0**16) / 2.0**16
+    grad = jax.grad(functools.partial(_train_loss, batch_size=static.batch_size))
+
+    def step(carry, t):
+        w, v = carry
+        v = jax.tree_util.tree_map(lambda v_, g: gamma * v_ - (1 - gamma) * g, v, grad(w, hyp, t))
+        w = jax.tree_util.tree_map(lambda w_, v_: w_ + h["lr"][t] * v_, w, v)
+        m = _evaluate(w, data)
+        return (w, v), (m["train_loss"], m["valid_loss"])
+
+    w0 = _params0()
+    m0 = _evaluate(w0, data)
+    (w, _), (tr, va) = jax.lax.scan(step, (w0, jax.tree_util.tree_map(jnp.zeros_like, w0)),
+                                    jnp.arange(static.steps, dtype=jnp.int32))
+    return (jnp.concatenate([m0["train_loss"][None], tr]),
+            jnp.concatenate([m0["valid_loss"][None], va]), _evaluate(w, data))
+
+
+# -- run and plot --------------------------------------------------------------
+
+def run(config: Config, run_dir: RunDir) -> dict:
+    t0 = time.perf_counter()
+    data = _splits(config)
+    static = _Static.of(config)
+    theta0 = _initial_hypers(config)
+
+    def hypergrad_fn(theta, iteration):
+        return _hypergrad(theta, iteration_key(config.seed, iteration), data, static)
+
+    result = meta_optimize(
+        hypergrad_fn, theta0, optax.adam(config.meta_lr), config.meta_iterations,
+        run_dir, clip=config.clip, progress_metric="valid_loss", description="quickstart")
+    theta = result.hypers
+    run_dir.save_arrays("hypers_final", theta)
+
+    key = iteration_key(config.seed, config.meta_iterations)  # an order unseen in meta-training
+    tr0, va0, before = _curves(theta0, key, data, static)
+    tr1, va1, after = _curves(theta, key, data, static)
+    h0, h1 = _constrained(theta0, static.basis()), _constrained(theta, static.basis())
+    run_dir.save_arrays("results", {
+        "lr_initial": h0["lr"], "lr_learned": h1["lr"],
+        "l2_initial": h0["l2"], "l2_learned": h1["l2"],
+        "train_loss_before": tr0, "train_loss_after": tr1,
+        "valid_loss_before": va0, "valid_loss_after": va1,
+    })
+    wall = time.perf_counter() - t0
+    summary = {
+        "meta_iterations": config.meta_iterations,
+        "l2_initial": float(h0["l2"]), "l2_learned": float(h1["l2"]),
+        "lr_mean_initial": float(jnp.mean(h0["lr"])), "lr_mean_learned": float(jnp.mean(h1["lr"])),
+        "wall_time_s": wall,
+    }
+    for tag, m in (("initial", before), ("learned", after)):
+        for k, v in m.items():
+            summary[f"{k}_{tag}"] = float(v)
+    plot(run_dir.path)
+    return summary
+
+
+def _load(path: Path):
+    rd = RunDir(path)
+    res = rd.load_arrays("results")
+    return rd, res, rd.read_metrics()
+
+
+def plot(path) -> list[Path]:
+    """Re-render the three figures from results.npz and metrics.jsonl."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    def minor_label(y, _):
+        if y <= 0:
+            return ""
+        m = y / 10 ** math.floor(math.log10(y))
+        return f"{y:g}" if abs(m - round(m)) < 1e-6 and round(m) in (2, 3, 5) else ""
+
+    def plain_log(ax):  # log axis labelled 0.3, 0.5, 1, 2 instead of 3x10^-1, ...
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(minor_label))
+
+    rd, res, metrics = _load(Path(path))
+    cfg = (rd.read_config() or {}).get("config", {})
+    out = rd.figures
+    paths = []
+    steps = np.arange(len(res["lr_initial"]))
+
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(steps, res["lr_initial"], "--", color="0.5", label="initial (constant)")
+    ax.plot(steps, res["lr_learned"], color="C0", lw=2, label="learned")
+    lr_all = np.concatenate([res["lr_initial"], res["lr_learned"]])
+    log_axis = lr_all.max() / lr_all.min() > 3
+    if log_axis:
+        ax.set_yscale("log")
+        plain_log(ax)
+    ax.set_xlabel("SGD step t")
+    ax.set_ylabel(r"learning rate $\alpha_t$" + (" (log scale)" if log_axis else ""))
+    ax.set_title("Learned learning-rate schedule (logistic regression, MNIST)")
+    l2_text = (f"L2 strength $\\lambda$: {float(res['l2_initial']):.2e} (initial) "
+               f"$\\to$ {float(res['l2_learned']):.2e} (learned)")
+    ax.text(0.02, 0.45, l2_text, transform=ax.transAxes, fontsize=9,
+            bbox=dict(boxstyle="round", fc="white", ec="0.8"))
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3, which="both")
+    paths.append(out / "schedule.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    t = np.arange(len(res["train_loss_before"]))
+    for ax, key, name in ((ax1, "train_loss", "training"), (ax2, "valid_loss", "validation")):
+        ax.plot(t, res[f"{key}_before"], "--", color="0.5", label="initial hyperparameters")
+        ax.plot(t, res[f"{key}_after"], color="C0", lw=2, label="learned hyperparameters")
+        ax.set_xlabel("SGD step t")
+        ax.set_ylabel(f"{name} loss (mean NLL, nats)")
+        ax.set_title(f"{name.capitalize()} loss during training")
+        ax.set_yscale("log")
+        plain_log(ax)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    n_train = cfg.get("n_train")
+    fig.suptitle("Retraining on a minibatch order unseen during meta-training"
+                 + (f" ({n_train} training examples)" if n_train else ""))
+    paths.append(out / "learning_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    it = np.array([m["iteration"] for m in metrics])
+    for split, color in (("train", "C2"), ("valid", "C0"), ("test", "C3")):
+        label = {"train": "training", "valid": "validation", "test": "test"}[split]
+        if metrics and f"{split}_loss" in metrics[0]:
+            ax1.plot(it, [m[f"{split}_loss"] for m in metrics], "o-", ms=3, color=color,
+                     label=label + (" (meta-objective)" if split == "valid" else ""))
+            ax2.plot(it, [100 * m[f"{split}_error"] for m in metrics], "o-", ms=3,
+                     color=color, label=label)
+    ax1.set_ylabel("loss after training (mean NLL, nats)")
+    ax2.set_ylabel("error after training (%)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("meta-iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if metrics:
+            ax.legend()
+    ax1.set_title("Loss of the trained model")
+    ax2.set_title("Classification error of the trained model")
+    fig.suptitle("Meta-learning curves (each point: one full training run)")
+    paths.append(out / "meta_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+EXPERIMENT = register(Experiment(
+    name="quickstart",
+    description="Learn a per-step learning-rate schedule and an L2 strength for logistic "
+                "regression on MNIST (about 2 minutes).",
+    Config=Config, smoke=SMOKE, run=run, plot=plot))

@@ -1,0 +1,26 @@
+"""Meta-optimisation: the optax loop over unconstrained hyperparameters, seed
+averaging, run folders, atomic checkpoints and exact resume.
+
+    run_dir = RunDir("runs/my-run", resume=False)
+    result = meta_optimize(hypergrad_fn, hypers0, optax.adam(0.05), 30, run_dir)
+
+See `_loop.py` for the loop's update equations and the resume guarantee, and
+`_rundir.py` for the layout of a run folder.
+"""
+
+from ._loop import ChaosWarning, MetaResult, chaos_flags, is_chaotic, meta_optimize
+from ._rundir import RunDir, environment, to_json
+from ._seeds import average_over, iteration_key
+
+__all__ = [
+    "ChaosWarning",
+    "MetaResult",
+    "RunDir",
+    "average_over",
+    "chaos_flags",
+    "environment",
+    "is_chaotic",
+    "iteration_key",
+    "meta_optimize",
+    "to_json",
+]

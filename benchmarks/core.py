@@ -1,0 +1,340 @@
+"""Core benchmark: cost of one hypergradient by each revlearn method.
+
+Problem: 784-50-50-50-10 tanh MLP, float64, minibatch 200 of 10,000 synthetic
+MNIST-sized examples, momentum 0.9, per-layer per-step learning rates, a
+per-weight L2 hyperparameter, meta-objective the validation NLL at w_T. The
+hypergradient is jit(grad) w.r.t. (params0, lr schedules, momentum, L2).
+
+For each T and method, one fresh child process compiles (warm-up excluded),
+then alternates runs of the hypergradient and of plain training
+(`revlearn.sgd(..., method=Unrolled())` without grad, same model and steps)
+and reports the ratio of the medians, plus its own peak RSS. A separate child
+that only imports JAX and builds the data gives the baseline RSS.
+
+Usage:
+    python benchmarks/core.py              # T in 100, 1000, 10000 + the large run
+    python benchmarks/core.py --quick      # T in 100, 1000, no large run
+    python benchmarks/core.py --steps 100 300 --no-large
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import emit, fmt, machine_info, median_time, num_weights, peak_rss_mib, run_child, save  # noqa: E402
+
+SIZES = [784, 50, 50, 50, 10]
+BATCH = 200
+N_TRAIN = 10_000
+LR = 0.05
+MOMENTUM = 0.9
+L2 = 1e-4
+LARGE_SIZES = [784, 1000, 200, 10]
+LARGE_BATCH = 10
+LARGE_T = 10_000
+METHODS = ["reversible", "unrolled", "checkpointed"]
+GIB = 2**30
+
+
+# ============================================================================ child
+
+def _setup(sizes, batch, T):
+    import jax
+    import jax.numpy as jnp
+    import revlearn
+    from _jaxprob import Problem, method_of
+
+    P = Problem(sizes, batch, N_TRAIN)
+    lr = [jnp.full((T,), LR) for _ in P.params0]            # per layer, per step
+    l2 = jax.tree_util.tree_map(lambda w: jnp.full(w.shape, L2), P.params0)
+    mom = jnp.asarray(MOMENTUM)
+
+    def train(method):
+        def f(p0, lr, mom, l2):
+            return revlearn.sgd(P.loss_fn, p0, {"l2": l2}, lr=lr, momentum=mom, steps=T, method=method)
+        return f
+
+    def hyper(method):
+        f = train(method)
+        return jax.jit(jax.grad(lambda p0, lr, mom, l2: P.val_loss(f(p0, lr, mom, l2)), argnums=(0, 1, 2, 3)))
+
+    args = (P.params0, lr, mom, l2)
+    return P, args, train, hyper, method_of
+
+
+def child(spec: dict) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    kind = spec["kind"]
+    if kind == "baseline":
+        from _jaxprob import Problem
+        P = Problem(SIZES, BATCH, N_TRAIN)
+        jax.block_until_ready(P.X)
+        emit({"kind": kind})
+        return
+
+    T, sizes, batch, reps = spec["T"], spec["sizes"], spec["batch"], spec["reps"]
+    P, args, train, hyper, method_of = _setup(sizes, batch, T)
+    jax.block_until_ready(P.X)
+    out = {"kind": kind, "T": T, "sizes": sizes, "batch": batch, "P": num_weights(sizes),
+           "rss_after_setup_mib": peak_rss_mib()}
+    block = jax.block_until_ready
+    name = spec["method"]
+    method = method_of(name, T)
+
+    if kind == "xla_memory":                               # XLA's own buffer plan for the hypergradient
+        t0 = time.perf_counter()
+        ma = hyper(method).lower(*args).compile().memory_analysis()
+        out["compile_s"] = time.perf_counter() - t0
+        out["xla_temp_mib"] = ma.temp_size_in_bytes / 2**20
+        out["xla_args_out_mib"] = (ma.argument_size_in_bytes + ma.output_size_in_bytes) / 2**20
+        emit(out)
+        return
+
+    if kind == "large":
+        t0 = time.perf_counter()
+        hg = hyper(method).lower(*args).compile()
+        out["compile_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        g = block(hg(*args))
+        out["hyper_s"] = time.perf_counter() - t0
+        out["finite"] = bool(all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree_util.tree_leaves(g)))
+        emit(out)
+        return
+
+    plain = jax.jit(train(method_of("unrolled", T)))
+    hg = hyper(method)
+    t0 = time.perf_counter()
+    block(plain(*args))
+    block(hg(*args))                                       # warm-up: compile + first run
+    out["compile_and_first_run_s"] = time.perf_counter() - t0
+    ph, hh = [], []
+    for _ in range(reps):                                  # interleaved: same load for both
+        ph.append(median_time(lambda: plain(*args), 1, block)[0])
+        hh.append(median_time(lambda: hg(*args), 1, block)[0])
+    out["plain_s"], out["hyper_s"] = float(np.median(ph)), float(np.median(hh))
+    out["plain_all_s"], out["hyper_all_s"] = ph, hh
+    out["ratio"] = out["hyper_s"] / out["plain_s"]
+
+    if name == "reversible" and spec.get("profile", True):
+        import revlearn
+        from revlearn import _rans
+        fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + rANS)
+        block(fwd(*args))
+        out["rev_forward_s"] = median_time(lambda: fwd(*args), reps, block)[0]
+        out["rev_reverse_s"] = out["hyper_s"] - out["rev_forward_s"]
+
+        # buffer ops alone: T steps of V <- V*gamma (push 16 bits, pop log2 n) on P elements
+        Pn = num_weights(sizes)
+        cap = int(math.ceil(T * math.log2(65536 / 58982) / 32)) + 4
+
+        @jax.jit
+        def buf_only(V):
+            def step(c, _):
+                V, buf = c
+                V, buf, _f = _rans.multiply_by_gamma(V, jnp.int64(58982), buf)
+                return (V, buf), None
+            (V, buf), _ = jax.lax.scan(step, (V, _rans.empty(Pn, cap)), None, length=T)
+            return V, buf.head
+
+        V0 = jnp.asarray(np.random.default_rng(0).integers(-2**50, 2**50, Pn), jnp.int64)
+        block(buf_only(V0))
+        out["buffer_mul_only_s"] = median_time(lambda: buf_only(V0), reps, block)[0]
+
+        @jax.jit
+        def grads_only(p0, l2):                            # T gradient evaluations, nothing else
+            def step(c, t):
+                g = jax.grad(P.loss_fn)(p0, {"l2": l2}, t)
+                return jax.tree_util.tree_map(jnp.add, c, g), None
+            c, _ = jax.lax.scan(step, jax.tree_util.tree_map(jnp.zeros_like, p0), jnp.arange(T, dtype=jnp.int32))
+            return c
+
+        block(grads_only(args[0], args[3]))
+        out["grads_only_s"] = median_time(lambda: grads_only(args[0], args[3]), reps, block)[0]
+
+        @jax.jit
+        def hvps_only(p0, l2):                             # T (gradient + VJP of the gradient), as in reverse
+            def step(c, t):
+                g, vjp = jax.vjp(lambda p, l: jax.grad(P.loss_fn)(p, {"l2": l}, t), p0, l2)
+                hw, hl = vjp(c)
+                return jax.tree_util.tree_map(lambda a, b: a + 1e-3 * b, c, hw), None
+            c, _ = jax.lax.scan(step, jax.tree_util.tree_map(jnp.ones_like, p0), jnp.arange(T, dtype=jnp.int32))
+            return c
+
+        block(hvps_only(args[0], args[3]))
+        out["hvps_only_s"] = median_time(lambda: hvps_only(args[0], args[3]), reps, block)[0]
+
+        bu_fn = getattr(revlearn, "buffer_usage", None)
+        if bu_fn is not None:
+            bu = bu_fn(P.loss_fn, P.params0, {"l2": args[3]}, lr=args[1], momentum=MOMENTUM, steps=T,
+                       method=method)
+            out["buffer"] = {"bits_per_weight_per_step": bu.bits_per_weight_per_step,
+                             "ideal": bu.ideal_bits_per_weight_per_step, "ratio": bu.ratio,
+                             "capacity_words": bu.capacity_words, "max_words_used": bu.max_words_used,
+                             "via": "revlearn.buffer_usage"}
+        else:
+            from revlearn import _reversible
+            out["buffer"] = {"error": "revlearn.buffer_usage not available"}
+    emit(out)
+
+
+# ============================================================================ parent
+
+def unrolled_estimate_gib(measured: dict, T_new: int, baseline_mib: float) -> float:
+    """Linear extrapolation of (peak - setup RSS) in T from a measured Unrolled cell."""
+    per_step = (measured["peak_rss_mib"] - measured["rss_after_setup_mib"]) / measured["T"]
+    return (baseline_mib + per_step * T_new) / 1024
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="T in {100, 1000} and no large run")
+    ap.add_argument("--steps", type=int, nargs="+", help="override the list of T")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per cell (median reported)")
+    ap.add_argument("--no-large", action="store_true", help="skip the ~10^6-weight Reversible run")
+    ap.add_argument("--large-steps", type=int, default=LARGE_T, help="steps of the large run")
+    ap.add_argument("--mem-limit-gib", type=float, default=20.0,
+                    help="skip a cell whose estimated peak RSS exceeds this")
+    ap.add_argument("--xla-memory", action="store_true",
+                    help="also report XLA's buffer plan (temp bytes) of each hypergradient program")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        child(json.loads(a.child))
+        return
+
+    steps = a.steps or ([100, 1000] if a.quick else [100, 1000, 10_000])
+    large = not (a.quick or a.no_large)
+    me = os.path.abspath(__file__)
+    info = machine_info()
+    print(json.dumps(info), flush=True)
+    base = run_child(me, {"kind": "baseline"}, 600)
+    print("baseline", base, flush=True)
+    base_mib = base.get("peak_rss_mib", float("nan"))
+    cells = []
+    measured_unrolled = None
+    for T in sorted(steps):
+        for m in METHODS:
+            spec = {"kind": "cell", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": a.reps}
+            if m == "unrolled" and measured_unrolled is not None:
+                est = unrolled_estimate_gib(measured_unrolled, T, base_mib)
+                if est > a.mem_limit_gib:
+                    r = {"skipped": f"estimated peak RSS {est:.1f} GiB > {a.mem_limit_gib:.0f} GiB "
+                                    f"(linear in T from the T={measured_unrolled['T']} cell)",
+                         "estimated_peak_gib": est}
+                    cells.append({**spec, **r})
+                    print(T, m, r, flush=True)
+                    continue
+            r = run_child(me, spec, 3000)
+            if m == "unrolled" and "error" not in r:
+                measured_unrolled = r
+            cells.append({**spec, **r})
+            print(T, m, {k: v for k, v in r.items() if not k.endswith("_all_s")}, flush=True)
+
+    xla = []
+    if a.xla_memory:
+        for T in sorted(steps):
+            for m in METHODS:
+                spec = {"kind": "xla_memory", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": 1}
+                xla.append({**spec, **run_child(me, spec, 3000)})
+                print("xla", xla[-1], flush=True)
+
+    large_r = None
+    if large:
+        P = num_weights(LARGE_SIZES)
+        spec = {"kind": "large", "method": "reversible", "T": a.large_steps, "sizes": LARGE_SIZES,
+                "batch": LARGE_BATCH, "reps": 1}
+        large_r = {**spec, **run_child(me, spec, 5400)}
+        # Unrolled would store, per step, at least w and v (2 x 8 bytes per weight) plus the
+        # gradient residuals (tanh activations, minibatch); count just w and v: a lower bound.
+        large_r["unrolled_lower_bound_gib"] = a.large_steps * P * 16 / GIB
+        print("large", large_r, flush=True)
+
+    md = render(info, base, cells, large_r, xla)
+    print(md)
+    paths = save("core" + ("_quick" if a.quick else ""), md,
+                 {"machine": info, "baseline": base, "cells": cells, "large": large_r, "xla_memory": xla,
+                  "config": {"sizes": SIZES, "batch": BATCH, "n_train": N_TRAIN, "lr": LR,
+                             "momentum": MOMENTUM, "l2": L2, "reps": a.reps}})
+    print("wrote", *paths)
+
+
+def render(info, base, cells, large_r, xla=()) -> str:
+    L = [f"# revlearn core benchmark ({info['date']})", "",
+         f"Machine: {info.get('cpu', '?')}, {info['cores']} cores, {info.get('ram_gib', '?')} GiB RAM; "
+         f"load average at start {info.get('loadavg_at_start')}; "
+         f"python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, revlearn {info['revlearn']}. "
+         "The cores are shared with other work, so timings carry noise.", "",
+         f"Problem: {'-'.join(map(str, SIZES))} tanh MLP ({num_weights(SIZES):,} weights), float64, batch {BATCH}, "
+         f"momentum {MOMENTUM}, per-layer per-step lr {LR}, per-weight L2 {L2}; hypergradient = "
+         "jit(grad) of the validation NLL w.r.t. (params0, lr, momentum, L2). Plain training = "
+         "jit of `revlearn.sgd(..., method=Unrolled())` without grad. Times are medians of "
+         "interleaved runs after a warm-up run (compilation excluded).", "",
+         f"Baseline RSS (child that imports JAX and builds the data): "
+         f"{fmt(base.get('peak_rss_mib'), '.0f')} MiB.", "",
+         "| T | method | hypergradient (s) | plain training (s) | ratio | peak RSS (MiB) | peak - setup RSS (MiB) | note |",
+         "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for c in cells:
+        if "skipped" in c or "error" in c:
+            L.append(f"| {c['T']} | {c['method']} | - | - | - | - | - | {c.get('skipped') or c.get('error')} |")
+            continue
+        L.append(f"| {c['T']} | {c['method']} | {c['hyper_s']:.3f} | {c['plain_s']:.3f} | {c['ratio']:.2f} | "
+                 f"{c['peak_rss_mib']:.0f} | {c['peak_rss_mib'] - c['rss_after_setup_mib']:.0f} | |")
+    L += ["", "Memory ratio Unrolled / Reversible (peak RSS; and peak minus the child's RSS after setup):", ""]
+    for T in sorted({c["T"] for c in cells}):
+        r = next((c for c in cells if c["T"] == T and c["method"] == "reversible" and "peak_rss_mib" in c), None)
+        u = next((c for c in cells if c["T"] == T and c["method"] == "unrolled"), None)
+        if r and u and "peak_rss_mib" in u:
+            L.append(f"- T={T}: {u['peak_rss_mib'] / r['peak_rss_mib']:.1f}x total, "
+                     f"{(u['peak_rss_mib'] - u['rss_after_setup_mib']) / max(r['peak_rss_mib'] - r['rss_after_setup_mib'], 1):.1f}x above setup")
+        elif r and u:
+            L.append(f"- T={T}: Unrolled not run ({u.get('skipped') or u.get('error')})")
+    L += ["", "Buffer size (Reversible forward pass, `revlearn.buffer_usage`):", "",
+          "| T | bits / weight / step | minimum mean_t log2(1/gamma_t) | ratio | capacity words | max words used |",
+          "|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        b = c.get("buffer")
+        if b and "ratio" in b:
+            L.append(f"| {c['T']} | {b['bits_per_weight_per_step']:.5f} | {b['ideal']:.5f} | {b['ratio']:.4f} | "
+                     f"{b['capacity_words']} | {b['max_words_used']} |")
+        elif b:
+            L.append(f"| {c['T']} | {b.get('error')} | | | | |")
+    L += ["", "Where Reversible's time goes (same child, medians, seconds):", "",
+          "| T | plain training | Rev. forward only | Rev. reverse (total - forward) | buffer V*gamma only (T steps) | T gradients only | T gradient+VJP (the reverse's autodiff work) | Rev. hypergradient |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        if c["method"] == "reversible" and "rev_forward_s" in c:
+            L.append(f"| {c['T']} | {c['plain_s']:.3f} | {c['rev_forward_s']:.3f} | {c['rev_reverse_s']:.3f} | "
+                     f"{c['buffer_mul_only_s']:.3f} | {c['grads_only_s']:.3f} | {fmt(c.get('hvps_only_s'), '.3f')} | {c['hyper_s']:.3f} |")
+    if xla:
+        L += ["", "XLA buffer plan of the compiled hypergradient (`compiled.memory_analysis()`, MiB):", "",
+              "| T | method | temp buffers | arguments + outputs |", "|---:|---|---:|---:|"]
+        for x in xla:
+            L.append(f"| {x['T']} | {x['method']} | {fmt(x.get('xla_temp_mib'), '.1f')} | "
+                     f"{fmt(x.get('xla_args_out_mib'), '.1f')} |")
+    if large_r:
+        L += ["", f"Largest run: Reversible, {'-'.join(map(str, large_r['sizes']))} MLP "
+                  f"({num_weights(large_r['sizes']):,} weights), batch {large_r['batch']}, T={large_r['T']}: "]
+        if "error" in large_r:
+            L.append(f"failed: {large_r['error']}")
+        else:
+            L.append(f"one hypergradient {large_r['hyper_s']:.1f} s (compile {large_r['compile_s']:.1f} s, excluded), "
+                     f"peak RSS {large_r['peak_rss_mib']:.0f} MiB (RSS after setup {large_r['rss_after_setup_mib']:.0f} MiB), "
+                     f"finite: {large_r['finite']}.")
+        L.append(f"Unrolled at this size would need at least {large_r['unrolled_lower_bound_gib']:.0f} GiB "
+                 "(w and v, 8 bytes each, per weight per step; residuals of the gradient come on top), "
+                 "so it cannot run in 24 GiB; not attempted.")
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    main()

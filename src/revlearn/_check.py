@@ -258,6 +258,5 @@ def self_check(steps: int = 30) -> SelfCheck:
         ok &= gc.passed
     bu = buffer_usage(loss_fn, p0, hyp, lr=lr, momentum=0.9, steps=steps)
     lines.append(f"buffer: {bu.bits_per_weight_per_step:.4f} bits/weight/step vs minimum "
-                 f"{bu.ideal_bits_per_weight_per_step:.4f} (ratio {bu.ratio:.3f}, including the "
-                 "coder's start-up over only {} steps)".format(steps))
+                 f"{bu.ideal_bits_per_weight_per_step:.4f} (ratio {bu.ratio:.4f} over {steps} steps)")
     return SelfCheck(tuple(lines), bool(ok))

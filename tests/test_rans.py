@@ -21,12 +21,12 @@ def _roundtrip(v0, numerators):
     def run(v, buf, n):
         def fwd(c, nt):
             v, b = c
-            v, b, f = _rans.multiply_by_gamma(v, nt, b)
+            v, b, f = _rans.multiply_by_gamma(v, _rans.uniform(nt), b)
             return (v, b), f.overflow | f.underflow
 
         def bwd(c, nt):
             v, b = c
-            v, b, f = _rans.divide_by_gamma(v, nt, b)
+            v, b, f = _rans.divide_by_gamma(v, _rans.uniform(nt), b)
             return (v, b), f.overflow | f.underflow
 
         (v1, b1), f1 = jax.lax.scan(fwd, (v, buf), n)
@@ -65,14 +65,14 @@ def test_push_pop_symbols_lifo(seed, ops):
         else:
             n = jnp.asarray(rng.integers(1, 65536, P), jnp.int64)
             s = jnp.asarray(rng.integers(0, 65536, P), jnp.int64) % n
-            buf, full = _rans.push_uniform(buf, s, n)
+            buf, full = _rans.push_uniform(buf, s, _rans.uniform(n))
             pushed.append(("n", s, n))
         assert not bool(full)
     for kind, sym, n in reversed(pushed):
         if kind == "16":
             buf, got, under = _rans.pop_bits16(buf)
         else:
-            buf, got, under = _rans.pop_uniform(buf, n)
+            buf, got, under = _rans.pop_uniform(buf, _rans.uniform(n))
         assert not bool(under)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(sym))
     assert bool(_rans.is_empty(buf))

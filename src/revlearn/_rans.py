@@ -117,8 +117,15 @@ def _divmod(x: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
     df = d.astype(jnp.float64)
     q = jnp.floor(x.astype(jnp.float64) / df).astype(jnp.int64)
     r = x - q * d
-    c = jnp.floor(r.astype(jnp.float64) / df).astype(jnp.int64)
-    q, r = q + c, r - c * d
+    q2, r = _divmod_small(r, d)
+    return q + q2, r
+
+
+def _divmod_small(x: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`_divmod` for |x| < 2^50: one float estimate (within one of the quotient) and
+    two rounds of integer correction."""
+    q = jnp.floor(x.astype(jnp.float64) / d.astype(jnp.float64)).astype(jnp.int64)
+    r = x - q * d
     for _ in range(2):
         low, high = r < 0, r >= d
         q = q - low.astype(jnp.int64) + high.astype(jnp.int64)
@@ -126,40 +133,47 @@ def _divmod(x: jax.Array, d: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, r
 
 
-def _uniform_table(n: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """q = M div n and rem = M mod n (uint64 [P]) for U[0, n)."""
-    q, rem = _divmod(jnp.full(n.shape, M, jnp.int64), n.astype(jnp.int64))
-    return q.astype(U64), rem.astype(U64)
+class Uniform(NamedTuple):
+    """The coding table of U[0, n): `n`, q = M div n, rem = M mod n (int64, broadcastable).
+
+    Momentum is usually constant per layer, so the table is built once per
+    schedule entry (`uniform`) rather than per weight and step.
+    """
+
+    n: jax.Array
+    q: jax.Array
+    rem: jax.Array
 
 
-def push_uniform(buf: Buffer, s: jax.Array, n: jax.Array) -> tuple[Buffer, jax.Array]:
-    """Encode s [P] uniform over [0, n) (n [P] in [1, 2^16]). Returns (buffer, overflow)."""
-    q, rem = _uniform_table(n)
-    s = s.astype(U64)
-    below = s < rem
-    f = q + below.astype(U64)
-    c = s * q + jnp.minimum(s, rem)
-    buf, full = _push_word(buf, buf.x >= (f << U64(32)))
-    d, r = _divmod(buf.x.astype(jnp.int64), f.astype(jnp.int64))  # x < 2^63: no sign issue
-    x = (d.astype(U64) << U64(PRECISION_BITS)) + r.astype(U64) + c
+def uniform(n: jax.Array) -> Uniform:
+    """Table of U[0, n) for integer n in [1, 2^16] (any shape)."""
+    n = jnp.asarray(n, jnp.int64)
+    q, rem = _divmod_small(jnp.full(n.shape, M, jnp.int64), n)
+    return Uniform(n, q, rem)
+
+
+def push_uniform(buf: Buffer, s: jax.Array, u: Uniform) -> tuple[Buffer, jax.Array]:
+    """Encode s [P] uniform over [0, n). Returns (buffer, overflow)."""
+    f = u.q + (s < u.rem).astype(jnp.int64)
+    c = s * u.q + jnp.minimum(s, u.rem)
+    buf, full = _push_word(buf, buf.x >= (f.astype(U64) << U64(32)))
+    d, r = _divmod(buf.x.astype(jnp.int64), f)  # x < 2^63: exact as int64
+    x = (d.astype(U64) << U64(PRECISION_BITS)) + (r + c).astype(U64)
     return buf._replace(x=x), full
 
 
-def pop_uniform(buf: Buffer, n: jax.Array) -> tuple[Buffer, jax.Array, jax.Array]:
+def pop_uniform(buf: Buffer, u: Uniform) -> tuple[Buffer, jax.Array, jax.Array]:
     """Decode s [P] uniform over [0, n). Returns (buffer, s as int64, underflow)."""
-    q, rem = _uniform_table(n)
-    y = buf.x & U64(M - 1)
-    split = rem * (q + U64(1))
+    y = (buf.x & U64(M - 1)).astype(jnp.int64)
+    split = u.rem * (u.q + 1)           # slots [0, split) have frequency q + 1
     low = y < split
-    yi, qi = y.astype(jnp.int64), q.astype(jnp.int64)
-    s_low, _ = _divmod(yi, qi + 1)
-    s_high, _ = _divmod(yi - jnp.where(low, 0, split.astype(jnp.int64)), qi)
-    s = jnp.where(low, s_low, rem.astype(jnp.int64) + s_high).astype(U64)
-    f = q + (s < rem).astype(U64)
-    c = s * q + jnp.minimum(s, rem)
-    x = f * (buf.x >> U64(PRECISION_BITS)) + y - c
+    t, _ = _divmod_small(jnp.where(low, y, y - split), jnp.where(low, u.q + 1, u.q))
+    s = jnp.where(low, t, u.rem + t)
+    f = u.q + (s < u.rem).astype(jnp.int64)
+    c = s * u.q + jnp.minimum(s, u.rem)
+    x = f.astype(U64) * (buf.x >> U64(PRECISION_BITS)) + (y - c).astype(U64)
     buf, under = _pop_word(buf._replace(x=x))
-    return buf, s.astype(jnp.int64), under
+    return buf, s, under
 
 
 class Flags(NamedTuple):
@@ -167,16 +181,16 @@ class Flags(NamedTuple):
     underflow: jax.Array
 
 
-def multiply_by_gamma(v: jax.Array, n: jax.Array, buf: Buffer) -> tuple[jax.Array, Buffer, Flags]:
+def multiply_by_gamma(v: jax.Array, u: Uniform, buf: Buffer) -> tuple[jax.Array, Buffer, Flags]:
     """Exact V -> V * n / 2^16 for int64 V [P] with the remainder kept in `buf`."""
     buf, full = push_bits16(buf, v & jnp.int64(0xFFFF))
-    buf, s, under = pop_uniform(buf, n)
-    return (v >> jnp.int64(16)) * n + s, buf, Flags(full, under)
+    buf, s, under = pop_uniform(buf, u)
+    return (v >> jnp.int64(16)) * u.n + s, buf, Flags(full, under)
 
 
-def divide_by_gamma(v: jax.Array, n: jax.Array, buf: Buffer) -> tuple[jax.Array, Buffer, Flags]:
+def divide_by_gamma(v: jax.Array, u: Uniform, buf: Buffer) -> tuple[jax.Array, Buffer, Flags]:
     """Exact inverse of `multiply_by_gamma`: V -> V * 2^16 / n, bits restored from `buf`."""
-    a, s = _divmod(v, n)
-    buf, full = push_uniform(buf, s, n)
+    a, s = _divmod(v, u.n)
+    buf, full = push_uniform(buf, s, u)
     buf, r, under = pop_bits16(buf)
     return a * jnp.int64(1 << 16) + r, buf, Flags(full, under)

@@ -79,19 +79,59 @@ def _row(schedule: _schedules.Schedule, shapes):
     return row
 
 
-def _step_hypers(problem, lr, momentum, lr_slices, mom_slices):
+def _tables(momentum: _schedules.Schedule) -> _schedules.Schedule:
+    """Per schedule entry, the coding table of U[0, n) with n = round(gamma 2^16) in [1, 65535].
+
+    Built once per call on the schedule's own shapes (usually a scalar per layer),
+    not per weight and step. Out-of-range values are clipped here and reported
+    by `_schedule_faults`."""
+    def table(a):
+        return None if a is None else _rans.uniform(jnp.clip(_schedules.numerators(a), 1, 65535))
+    return _schedules.Schedule(tuple(table(c) for c in momentum.constant),
+                               tuple(table(s) for s in momentum.stepwise))
+
+
+def _first_bad_step(schedule: _schedules.Schedule, bad_fn, steps: int):
+    """(any entry bad, first step with a bad entry) over a schedule's arrays."""
+    first = jnp.int32(steps)
+    for c in schedule.constant:
+        if c is not None:
+            first = jnp.where(jnp.any(bad_fn(c)), 0, first)
+    for s in schedule.stepwise:
+        if s is not None:
+            per_step = jnp.any(bad_fn(s).reshape(steps, -1), axis=1)
+            first = jnp.minimum(first, jnp.where(jnp.any(per_step), jnp.argmax(per_step), steps))
+    return first < steps, first
+
+
+def _schedule_faults(fault, lr, momentum, steps):
+    def bad_n(a):
+        n = _schedules.numerators(a)
+        return (n < 1) | (n > 65535)
+    bad, step = _first_bad_step(momentum, bad_n, steps)
+    fault = fault.record(bad, _faults.MOMENTUM_RANGE, step)
+    bad, step = _first_bad_step(lr, lambda a: ~jnp.isfinite(a), steps)
+    return fault.record(bad, _faults.NONFINITE_LR, step)
+
+
+def _uniform_row(tables: _schedules.Schedule, slices, shapes) -> _rans.Uniform:
+    """The flat [P] coding tables at one step."""
+    parts = []
+    for c, s, shape in zip(tables.constant, slices, shapes):
+        u = c if c is not None else s
+        parts.append([jnp.broadcast_to(a, shape).ravel() for a in u])
+    return _rans.Uniform(*(jnp.concatenate(col) for col in zip(*parts)))
+
+
+def _step_hypers(problem, lr, tables, lr_slices, table_slices):
     alpha = _row(lr, problem.shapes)(lr.constant, lr_slices)
-    gamma = _row(momentum, problem.shapes)(momentum.constant, mom_slices)
-    n_raw = _schedules.numerators(gamma)
-    bad_n = jnp.any((n_raw < 1) | (n_raw > 65535))
-    n = jnp.clip(n_raw, 1, 65535)
-    gq = n.astype(jnp.float64) / 65536.0
-    return alpha, n, gq, bad_n
+    u = _uniform_row(tables, table_slices, problem.shapes)
+    return alpha, u, u.n.astype(jnp.float64) / 65536.0
 
 
-def _xs(problem, lr, momentum):
-    return (jnp.arange(problem.steps, dtype=jnp.int32),
-            _schedules.step_slices(lr), _schedules.step_slices(momentum))
+def _xs(problem, lr, momentum, tables):
+    return (jnp.arange(problem.steps, dtype=jnp.int32), _schedules.step_slices(lr),
+            _schedules.step_slices(momentum), _schedules.step_slices(tables))
 
 
 def forward(problem: Problem, method: "Reversible", capacity: int, w0, v0, theta, lr, momentum) -> Forward:
@@ -102,17 +142,17 @@ def forward(problem: Problem, method: "Reversible", capacity: int, w0, v0, theta
     fault = _faults.Fault.none()
     fault = fault.record(bad_w, _faults.WEIGHT_OVERFLOW, 0)
     fault = fault.record(bad_v, _faults.VELOCITY_OVERFLOW, 0)
+    fault = _schedule_faults(fault, lr, momentum, problem.steps)
+    tables = _tables(momentum)
 
     def step(carry, xs):
         W, V, buf, path, fault = carry
-        t, lr_sl, mom_sl = xs
-        alpha, n, gq, bad_n = _step_hypers(problem, lr, momentum, lr_sl, mom_sl)
-        fault = fault.record(bad_n, _faults.MOMENTUM_RANGE, t)
-        fault = fault.record(~jnp.all(jnp.isfinite(alpha)), _faults.NONFINITE_LR, t)
+        t, lr_sl, _, table_sl = xs
+        alpha, u, gq = _step_hypers(problem, lr, tables, lr_sl, table_sl)
         g_tree, path_t = problem.gradient(problem.unflatten(fp.to_float(W, k)), theta, t)
         g = problem.flatten(g_tree)
         fault = fault.record(~jnp.all(jnp.isfinite(g)), _faults.NONFINITE_GRADIENT, t)
-        V, buf, flags = _rans.multiply_by_gamma(V, n, buf)
+        V, buf, flags = _rans.multiply_by_gamma(V, u, buf)
         fault = fault.record(flags.overflow, _faults.BUFFER_EXHAUSTED, t)
         fault = fault.record(flags.underflow, _faults.BUFFER_UNDERFLOW, t)
         dV, bad = fp.quantize((1.0 - gq) * g, k)
@@ -125,7 +165,7 @@ def forward(problem: Problem, method: "Reversible", capacity: int, w0, v0, theta
         return (W, V, buf, path + path_t, fault), None
 
     init = (W0, V0, _rans.empty(W0.shape[0], capacity), jnp.zeros((), jnp.float64), fault)
-    (W, V, buf, path, fault), _ = jax.lax.scan(step, init, _xs(problem, lr, momentum))
+    (W, V, buf, path, fault), _ = jax.lax.scan(step, init, _xs(problem, lr, momentum, tables))
     return Forward(W, V, buf, path, fault, W0, V0)
 
 
@@ -135,11 +175,12 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
     k = method.frac_bits
     row_lr, row_mom = _row(lr, problem.shapes), _row(momentum, problem.shapes)
     zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+    tables = _tables(momentum)
 
     def step(carry, xs):
         W, V, buf, dw, dv, dth, dlr_c, dmom_c, fault = carry
-        t, lr_sl, mom_sl = xs
-        alpha, n, gq, _ = _step_hypers(problem, lr, momentum, lr_sl, mom_sl)
+        t, lr_sl, mom_sl, table_sl = xs
+        alpha, u, gq = _step_hypers(problem, lr, tables, lr_sl, table_sl)
         v_next = fp.to_float(V, k)
         d_alpha = dw * v_next
         dW, _ = fp.quantize(alpha * v_next, k)
@@ -152,7 +193,7 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
         (g_tree, path_t), vjp = jax.vjp(grad_at, params, theta_f)
         g = problem.flatten(g_tree)
         dV, _ = fp.quantize((1.0 - gq) * g, k)
-        V, buf, flags = _rans.divide_by_gamma(V + dV, n, buf)
+        V, buf, flags = _rans.divide_by_gamma(V + dV, u, buf)
         fault = fault.record(flags.underflow | flags.overflow, _faults.BUFFER_UNDERFLOW, t)
         dv = dv + alpha * dw
         d_gamma = dv * (fp.to_float(V, k) + g)
@@ -170,7 +211,8 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
 
     init = (fw.W, fw.V, fw.buffer, jnp.asarray(ct_w, jnp.float64), jnp.zeros_like(ct_w, jnp.float64),
             zeros(theta_f), zeros(lr.constant), zeros(momentum.constant), _faults.Fault.none())
-    carry, (dlr_s, dmom_s) = jax.lax.scan(step, init, _xs(problem, lr, momentum), reverse=True)
+    carry, (dlr_s, dmom_s) = jax.lax.scan(step, init, _xs(problem, lr, momentum, tables),
+                                          reverse=True)
     W, V, buf, dw, dv, dth, dlr_c, dmom_c, fault = carry
     exact = jnp.all(W == fw.W0) & jnp.all(V == fw.V0) & _rans.is_empty(buf)
     fault = fault.record(~exact, _faults.REVERSAL_DRIFT, 0)

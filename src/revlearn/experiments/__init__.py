@@ -18,6 +18,10 @@ from ._registry import (
 from . import quickstart  # noqa: E402,F401  (registers itself)
 from . import init_distribution  # noqa: E402,F401
 from . import schedules  # noqa: E402,F401
+from . import chaos  # noqa: E402,F401
+from . import toy  # noqa: E402,F401
+from . import l2_per_weight  # noqa: E402,F401  (registers itself)
+from . import learned_structure  # noqa: E402,F401  (registers itself)
 
 __all__ = [
     "ConfigError",

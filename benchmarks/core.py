@@ -141,7 +141,7 @@ def child(spec: dict) -> None:
         def buf_only(V):
             def step(c, _):
                 V, buf = c
-                V, buf, _f = _rans.multiply_by_gamma(V, jnp.int64(58982), buf)
+                V, buf, _f = _rans.multiply_by_gamma(V, _rans.uniform(jnp.int64(58982)), buf)
                 return (V, buf), None
             (V, buf), _ = jax.lax.scan(step, (V, _rans.empty(Pn, cap)), None, length=T)
             return V, buf.head

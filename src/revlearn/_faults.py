@@ -86,8 +86,9 @@ def _message(code: int, step: int, where: str, info: dict) -> str:
             "and buffer bit-for-bit, so the hypergradient would be wrong. The "
             "gradient recomputed backwards differed from the forward one (a "
             "non-deterministic loss_fn: randomness not derived from `step`, "
-            "non-deterministic GPU ops such as scatter-add). Make loss_fn a pure "
-            "function of (params, hypers, step), or use revlearn.Unrolled()."),
+            "non-deterministic GPU ops such as scatter-add), or the compiler fused it "
+            "differently (use Reversible(isolate_gradient=True), the default). Make "
+            "loss_fn a pure function of (params, hypers, step), or use revlearn.Unrolled()."),
         BUFFER_UNDERFLOW: (
             f"{where}: the information buffer ran empty at step {step}: the reversal "
             "is out of step with the forward pass (non-deterministic loss_fn?)."),

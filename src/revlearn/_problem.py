@@ -64,6 +64,19 @@ class Problem(NamedTuple):
 
         return jax.grad(loss, has_aux=True)(params)
 
+    def isolated_gradient(self, params, theta, step):
+        """`gradient` fenced by `lax.optimization_barrier` on its inputs and outputs.
+
+        Exact reversal needs the gradient recomputed in the reverse pass to be
+        bit-identical to the forward one. Unfenced, XLA fuses it with its
+        neighbours, which differ between the passes (the Hessian-vector product
+        reuses its intermediates backwards), and may then contract a*b + c into a
+        fused multiply-add in one program and not the other. Fenced, both passes
+        compile the same isolated subgraph.
+        """
+        params, theta, step = jax.lax.optimization_barrier((params, theta, step))
+        return jax.lax.optimization_barrier(self.gradient(params, theta, step))
+
 
 def split_inexact(tree):
     """Split a pytree into (floating leaves or None, other leaves or None)."""

@@ -149,7 +149,8 @@ def forward(problem: Problem, method: "Reversible", capacity: int, w0, v0, theta
         W, V, buf, path, fault = carry
         t, lr_sl, _, table_sl = xs
         alpha, u, gq = _step_hypers(problem, lr, tables, lr_sl, table_sl)
-        g_tree, path_t = problem.gradient(problem.unflatten(fp.to_float(W, k)), theta, t)
+        grad_fn = problem.isolated_gradient if method.isolate_gradient else problem.gradient
+        g_tree, path_t = grad_fn(problem.unflatten(fp.to_float(W, k)), theta, t)
         g = problem.flatten(g_tree)
         fault = fault.record(~jnp.all(jnp.isfinite(g)), _faults.NONFINITE_GRADIENT, t)
         V, buf, flags = _rans.multiply_by_gamma(V, u, buf)
@@ -190,7 +191,13 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
             return problem.gradient(p, merge(thf, theta_o), t)
 
         params = problem.unflatten(fp.to_float(W, k))
-        (g_tree, path_t), vjp = jax.vjp(grad_at, params, theta_f)
+        if method.isolate_gradient:
+            # the reversal uses the fenced gradient (bit-identical to the forward
+            # pass); the VJP (Hessian-vector product) may fuse freely
+            g_tree, path_t = problem.isolated_gradient(params, merge(theta_f, theta_o), t)
+            _, vjp = jax.vjp(grad_at, params, theta_f)
+        else:
+            (g_tree, path_t), vjp = jax.vjp(grad_at, params, theta_f)
         g = problem.flatten(g_tree)
         dV, _ = fp.quantize((1.0 - gq) * g, k)
         V, buf, flags = _rans.divide_by_gamma(V + dV, u, buf)
@@ -232,6 +239,14 @@ class Reversible:
         `jax.jit` with momentum as an argument). When momentum is a concrete
         array the size is derived from its values and this may be None.
       extra_words: slack 32-bit words per weight on top of the bound.
+      isolate_gradient: compute grad_w L in both passes as the same fenced
+        subgraph (`lax.optimization_barrier`), so the compiler cannot fuse it
+        differently backwards (e.g. contract a*b + c into an FMA in one pass
+        only), which would break the reversal. Costs one more gradient per
+        reverse step. With False the backward pass takes the gradient from the
+        Hessian-vector product's own forward pass: faster, and exact on the
+        shipped MLP and convnet models, but an elementwise loss may then drift;
+        drift is always detected and raised, never returned.
 
     Memory: W, V (16 bytes per weight) plus about
     ceil(sum_t log2(1/gamma_t) / 32) + extra_words words per weight.
@@ -240,6 +255,7 @@ class Reversible:
     frac_bits: int = 52
     min_momentum: float | None = None
     extra_words: int = 4
+    isolate_gradient: bool = True
 
     def __post_init__(self):
         if not isinstance(self.frac_bits, int) or not 8 <= self.frac_bits <= 60:

@@ -16,6 +16,8 @@ from ._registry import (
     register,
 )
 from . import quickstart  # noqa: E402,F401  (registers itself)
+from . import canonical_examples  # noqa: E402,F401  (registers itself)
+from . import augmentation  # noqa: E402,F401  (registers itself)
 from . import init_distribution  # noqa: E402,F401
 from . import schedules  # noqa: E402,F401
 from . import chaos  # noqa: E402,F401

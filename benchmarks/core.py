@@ -127,26 +127,28 @@ def child(spec: dict) -> None:
 
     if name == "reversible" and spec.get("profile", True):
         import revlearn
-        from revlearn import _rans
-        fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + rANS)
+        from revlearn import _buffer
+        fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + buffer)
         block(fwd(*args))
         out["rev_forward_s"] = median_time(lambda: fwd(*args), reps, block)[0]
         out["rev_reverse_s"] = out["hyper_s"] - out["rev_forward_s"]
 
-        # buffer ops alone: T steps of V <- V*gamma (push 16 bits, pop log2 n) on P elements
-        Pn = num_weights(sizes)
-        cap = int(math.ceil(T * math.log2(65536 / 58982) / 32)) + 4
+        # buffer ops alone: T steps of V <- V*gamma on every params leaf (one momentum per leaf)
+        shapes = [np.shape(l) for l in jax.tree_util.tree_leaves(P.params0)]
+        coding = _buffer.coding(jnp.int64(round(MOMENTUM * 65536)))
+        cap = _buffer.capacity_words(T * int(_buffer.increments_np(round(MOMENTUM * 65536))))
 
         @jax.jit
-        def buf_only(V):
+        def buf_only(Vs):
             def step(c, _):
-                V, buf = c
-                V, buf, _f = _rans.multiply_by_gamma(V, _rans.uniform(jnp.int64(58982)), buf)
-                return (V, buf), None
-            (V, buf), _ = jax.lax.scan(step, (V, _rans.empty(Pn, cap)), None, length=T)
-            return V, buf.head
+                out = [_buffer.multiply(V, coding, b) for V, b in zip(*c)]
+                return ([o[0] for o in out], [o[1] for o in out]), None
+            (Vs, bufs), _ = jax.lax.scan(step, (Vs, [_buffer.empty(s, (), cap) for s in shapes]),
+                                         None, length=T)
+            return Vs, [b.head for b in bufs]
 
-        V0 = jnp.asarray(np.random.default_rng(0).integers(-2**50, 2**50, Pn), jnp.int64)
+        rng = np.random.default_rng(0)
+        V0 = [jnp.asarray(rng.integers(-2**50, 2**50, s), jnp.int64) for s in shapes]
         block(buf_only(V0))
         out["buffer_mul_only_s"] = median_time(lambda: buf_only(V0), reps, block)[0]
 

@@ -20,11 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _rans, _reversible, _schedules
+from . import _buffer, _reversible, _schedules
 from ._problem import merge, split_inexact
 from ._reversible import Reversible
 from ._sgd import prepare, sgd
 from ._unrolled import Unrolled
+
+
+def _leaves(tree) -> list:
+    return [jnp.asarray(l) for l in jax.tree_util.tree_leaves(tree)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +57,14 @@ def check_reversal(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=Non
     @jax.jit
     def roundtrip(w0, v0, theta_f, theta_o, lr, mom):
         fw = _reversible.forward(p.problem, method, capacity, w0, v0, merge(theta_f, theta_o), lr, mom)
-        zero = jnp.zeros_like(w0, jnp.float64)
+        zero = [jnp.zeros(jnp.shape(w), jnp.float64) for w in w0]
         bw = _reversible.backward(p.problem, method, fw, theta_f, theta_o, lr, mom, zero, 0.0)
-        return (jnp.all(bw.W == fw.W0), jnp.all(bw.V == fw.V0), _rans.is_empty(bw.buffer),
-                jnp.max(jnp.abs(bw.W - fw.W0)))
+        same = lambda a, b: jnp.all(jnp.stack([jnp.all(x == y) for x, y in zip(a, b)]))
+        err = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(bw.W, fw.W0)]))
+        empty = jnp.all(jnp.stack([_buffer.is_empty(b) for b in bw.buffers]))
+        return same(bw.W, fw.W0), same(bw.V, fw.V0), empty, err
 
-    w, v, b, err = roundtrip(p.problem.flatten(p.params0), p.problem.flatten(p.v0),
-                             theta_f, theta_o, p.lr, p.momentum)
+    w, v, b, err = roundtrip(_leaves(p.params0), _leaves(p.v0), theta_f, theta_o, p.lr, p.momentum)
     return ReversalCheck(bool(w), bool(v), bool(b), int(err))
 
 
@@ -88,19 +93,23 @@ def buffer_usage(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
     @jax.jit
     def run(w0, v0, theta, lr, mom):
         fw = _reversible.forward(p.problem, method, capacity, w0, v0, theta, lr, mom)
-        return jnp.mean(_rans.bits_used(fw.buffer)), jnp.max(fw.buffer.head)
+        # bits reserved per weight: each buffer's m and head are shared by the
+        # weights of one momentum entry, so weight them by the leaf's size
+        total = sum(jnp.sum(jnp.broadcast_to(_buffer.bits_reserved(b), jnp.shape(b.x)))
+                    for b in fw.buffers)
+        words = jnp.max(jnp.stack([jnp.max(b.head) for b in fw.buffers]))
+        return total / sum(p.problem.sizes), words
 
-    bits, words = run(p.problem.flatten(p.params0), p.problem.flatten(p.v0), p.theta, p.lr,
-                      p.momentum)
+    bits, words = run(_leaves(p.params0), _leaves(p.v0), p.theta, p.lr, p.momentum)
     # Ideal: mean over weights and steps of log2(2^16 / n); broadcasting replicates a
     # schedule entry uniformly, so each leaf's mean equals the mean of its spec.
     total, count = 0.0, 0
     for c, s, size in zip(p.momentum.constant, p.momentum.stepwise, p.problem.sizes):
         a = np.asarray(c if c is not None else s, np.float64)
-        n = np.clip(np.round(a * 65536), 1, 65535)
+        n = np.clip(np.round(a * 65536), _buffer.MIN_NUMERATOR, 65535)
         total += size * float(np.mean(np.log2(65536 / n)))
         count += size
-    return BufferUsage(float(bits) / steps, total / count, capacity, int(words))
+    return BufferUsage(float(bits) / steps, total / count, max(capacity), int(words))
 
 
 @dataclasses.dataclass(frozen=True)

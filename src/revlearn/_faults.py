@@ -72,23 +72,25 @@ def _message(code: int, step: int, where: str, info: dict) -> str:
             "Reversible(frac_bits=...) for a wider range."),
         BUFFER_EXHAUSTED: (
             f"{where}: the information buffer is exhausted at step {step} "
-            f"(capacity {info.get('capacity')} words of 32 bits per weight, sized for "
+            f"(capacity {info.get('capacity')} words of 16 bits per weight, sized for "
             f"momentum >= {info.get('min_momentum')}). Pass a lower "
             "Reversible(min_momentum=...) or more Reversible(extra_words=...)."),
         MOMENTUM_RANGE: (
             f"{where}: momentum at step {step} rounds to n/65536 with n outside "
-            "[1, 65535], i.e. momentum is not inside (1/65536, 1 - 1/65536). Keep "
+            "[2, 65535], i.e. momentum is not inside [2/65536, 65535/65536]. Keep "
             "momentum strictly inside (0, 1), e.g. through a logit parameterisation."),
         NONFINITE_LR: (
             f"{where}: the learning rate is not finite at step {step}. Check lr."),
         REVERSAL_DRIFT: (
             f"{where}: the reversal did not recover the initial weights, velocity "
             "and buffer bit-for-bit, so the hypergradient would be wrong. The "
-            "gradient recomputed backwards differed from the forward one (a "
-            "non-deterministic loss_fn: randomness not derived from `step`, "
-            "non-deterministic GPU ops such as scatter-add), or the compiler fused it "
-            "differently (use Reversible(isolate_gradient=True), the default). Make "
-            "loss_fn a pure function of (params, hypers, step), or use revlearn.Unrolled()."),
+            "gradient recomputed backwards differed from the forward one: either "
+            "loss_fn is not a pure function of (params, hypers, step) (randomness not "
+            "derived from `step`, non-deterministic GPU ops such as scatter-add), or the "
+            "compiler rounded the gradient differently in the two passes (seen on CPU "
+            "with some elementwise losses, e.g. Rosenbrock's, even with the default "
+            "Reversible(isolate_gradient=True)). Make loss_fn pure, or use "
+            "revlearn.Checkpointed() or revlearn.Unrolled(), which do not reverse."),
         BUFFER_UNDERFLOW: (
             f"{where}: the information buffer ran empty at step {step}: the reversal "
             "is out of step with the forward pass (non-deterministic loss_fn?)."),

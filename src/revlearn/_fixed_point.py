@@ -34,3 +34,8 @@ def quantize(x: jax.Array, frac_bits: int) -> tuple[jax.Array, jax.Array]:
 def out_of_range(x: jax.Array) -> jax.Array:
     """True if any fixed-point X has |X| >= 2^62 (the sum of two in-range values cannot wrap)."""
     return jnp.any((x >= INT_LIMIT) | (x <= -INT_LIMIT))
+
+
+def out_of_range_mask(x: jax.Array) -> jax.Array:
+    """Elementwise `out_of_range` (bool, like x)."""
+    return (x >= INT_LIMIT) | (x <= -INT_LIMIT)

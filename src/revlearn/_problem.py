@@ -78,6 +78,21 @@ class Problem(NamedTuple):
         return jax.lax.optimization_barrier(self.gradient(params, theta, step))
 
 
+def linearized_gradient(problem: Problem, params, theta_f, theta_o, step):
+    """((grad_w loss, path term), VJP of (params, theta_f) -> (grad, path)), fenced.
+
+    The gradient *and* the residuals its VJP (the Hessian-vector product) needs
+    are computed as one subgraph between `lax.optimization_barrier`s. The
+    forward pass of `Reversible` calls this too and ignores the residuals, so
+    both passes compile the same fenced subgraph and the gradient has the same
+    bits in both; only the VJP's backward half, outside the fence, fuses
+    freely. One gradient evaluation per reverse step, not two.
+    """
+    params, theta_f, theta_o, step = jax.lax.optimization_barrier((params, theta_f, theta_o, step))
+    out, vjp = jax.vjp(lambda p, th: problem.gradient(p, merge(th, theta_o), step), params, theta_f)
+    return jax.lax.optimization_barrier((out, vjp))
+
+
 def split_inexact(tree):
     """Split a pytree into (floating leaves or None, other leaves or None)."""
     is_f = lambda x: jnp.issubdtype(jnp.result_type(x), jnp.inexact)

@@ -164,9 +164,9 @@ def check_concrete(name: str, schedule: Schedule, momentum: bool) -> None:
                              f"Pass finite {name} values.")
         if momentum:
             n = np.round(a * GAMMA_DENOMINATOR)
-            if np.any(n < 1) or np.any(n > GAMMA_DENOMINATOR - 1):
-                bad = a[(n < 1) | (n > GAMMA_DENOMINATOR - 1)].ravel()[:3]
+            if np.any(n < 2) or np.any(n > GAMMA_DENOMINATOR - 1):
+                bad = a[(n < 2) | (n > GAMMA_DENOMINATOR - 1)].ravel()[:3]
                 raise ValueError(
                     f"momentum must lie strictly inside (0, 1) (it is applied as n/65536 with "
-                    f"1 <= n <= 65535), got {bad.tolist()}. Use e.g. 0.9, or a logit "
+                    f"2 <= n <= 65535), got {bad.tolist()}. Use e.g. 0.9, or a logit "
                     "parameterisation to keep it inside.")

@@ -37,7 +37,7 @@ def _float_step(problem: Problem, lr, momentum, theta):
         n_bad = jnp.zeros((), bool)
         for g in gammas_raw:
             n = _schedules.numerators(g)
-            n_bad |= jnp.any((n < 1) | (n > 65535))
+            n_bad |= jnp.any((n < 2) | (n > 65535))
         fault = fault.record(n_bad, _faults.MOMENTUM_RANGE, t)
         lr_bad = jnp.zeros((), bool)
         for a in alphas:

@@ -208,6 +208,7 @@ def main(argv=None):
                     help="skip a cell whose estimated peak RSS exceeds this")
     ap.add_argument("--xla-memory", action="store_true",
                     help="also report XLA's buffer plan (temp bytes) of each hypergradient program")
+    ap.add_argument("--name", help="results file stem (default core, or core_quick with --quick)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -263,7 +264,7 @@ def main(argv=None):
 
     md = render(info, base, cells, large_r, xla)
     print(md)
-    paths = save("core" + ("_quick" if a.quick else ""), md,
+    paths = save(a.name or ("core" + ("_quick" if a.quick else "")), md,
                  {"machine": info, "baseline": base, "cells": cells, "large": large_r, "xla_memory": xla,
                   "config": {"sizes": SIZES, "batch": BATCH, "n_train": N_TRAIN, "lr": LR,
                              "momentum": MOMENTUM, "l2": L2, "reps": a.reps}})

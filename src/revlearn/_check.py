@@ -31,6 +31,14 @@ def _leaves(tree) -> list:
     return [jnp.asarray(l) for l in jax.tree_util.tree_leaves(tree)]
 
 
+def _setup(where, method, loss_fn, params0, hypers, lr, momentum, steps, v0):
+    """(method, prepared arguments, buffer capacity): what the forward pass needs."""
+    method = method or Reversible()
+    _reversible.require_x64(where)
+    p = prepare(loss_fn, params0, hypers, lr=lr, momentum=momentum, steps=steps, v0=v0)
+    return method, p, method.capacity(p.momentum, steps)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReversalCheck:
     """Whether the reversal recovered the initial state bit-for-bit."""
@@ -48,10 +56,8 @@ class ReversalCheck:
 def check_reversal(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
                    method: Reversible | None = None) -> ReversalCheck:
     """Train `steps` steps in fixed point, reverse them, compare with the start bit-for-bit."""
-    method = method or Reversible()
-    _reversible.require_x64("check_reversal")
-    p = prepare(loss_fn, params0, hypers, lr=lr, momentum=momentum, steps=steps, v0=v0)
-    capacity = method.capacity(p.momentum, steps)
+    method, p, capacity = _setup("check_reversal", method, loss_fn, params0, hypers, lr, momentum,
+                                 steps, v0)
     theta_f, theta_o = split_inexact(p.theta)
 
     @jax.jit
@@ -70,7 +76,10 @@ def check_reversal(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=Non
 
 @dataclasses.dataclass(frozen=True)
 class BufferUsage:
-    """Buffer size after training, per weight per step, against the minimum."""
+    """Buffer size after training, per weight per step, against the minimum.
+
+    `capacity_words` and `max_words_used` count 16-bit stack words per weight
+    (the largest over params leaves)."""
 
     bits_per_weight_per_step: float
     ideal_bits_per_weight_per_step: float
@@ -85,10 +94,8 @@ class BufferUsage:
 def buffer_usage(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
                  method: Reversible | None = None) -> BufferUsage:
     """Run the forward pass and measure the information buffer."""
-    method = method or Reversible()
-    _reversible.require_x64("buffer_usage")
-    p = prepare(loss_fn, params0, hypers, lr=lr, momentum=momentum, steps=steps, v0=v0)
-    capacity = method.capacity(p.momentum, steps)
+    method, p, capacity = _setup("buffer_usage", method, loss_fn, params0, hypers, lr, momentum,
+                                 steps, v0)
 
     @jax.jit
     def run(w0, v0, theta, lr, mom):

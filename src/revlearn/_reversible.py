@@ -236,6 +236,8 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
             (g_tree, path_t), vjp = jax.vjp(grad_at(t), params, theta_f)
         under = jnp.zeros((), bool)
         V_prev, bufs_new, dv_new, d_gamma, ct_g = [], [], [], [], []
+        # the reverse pass only reads the stacks: they stay loop constants, not carry
+        bufs = [_buffer.Buffer(x, m, h, stack) for (x, m, h), stack in zip(bufs, stacks)]
         for Vi, bi, gi, dwi, dvi, alpha, c in zip(V, bufs, jax.tree_util.tree_leaves(g_tree), dw,
                                                   dv, alphas, codes):
             gq = c.n.astype(jnp.float64) / 65536.0
@@ -245,7 +247,7 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
             d_gamma.append(dvi * (fp.to_float(Vi, k) + gi.astype(jnp.float64)))
             ct_g.append(-(1.0 - gq) * dvi)
             V_prev.append(Vi)
-            bufs_new.append(bi)
+            bufs_new.append((bi.x, bi.m, bi.head))
             dv_new.append(dvi * gq)
         ct_tree = problem.treedef.unflatten([c.astype(dt) for c, dt in zip(ct_g, problem.dtypes)])
         hw, hth = vjp((ct_tree, jnp.asarray(ct_path, path_t.dtype)))
@@ -266,11 +268,14 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
               tuple(None if s is None else d.astype(s.dtype) for s, d in zip(momentum.stepwise, dmom_t)))
         return (W_prev, V_prev, bufs_new, dw_new, dv_new, dth, dlr_c, dmom_c, fault), ys
 
-    init = (fw.W, fw.V, fw.buffers, [jnp.asarray(c, jnp.float64) for c in ct_w],
+    stacks = [b.stack for b in fw.buffers]
+    init = (fw.W, fw.V, [(b.x, b.m, b.head) for b in fw.buffers],
+            [jnp.asarray(c, jnp.float64) for c in ct_w],
             [jnp.zeros(jnp.shape(c), jnp.float64) for c in ct_w], zeros(theta_f),
             zeros(lr.constant), zeros(momentum.constant), _faults.Fault.none())
     carry, (dlr_s, dmom_s) = jax.lax.scan(step, init, _xs(problem, lr, fw.coding), reverse=True)
     W, V, bufs, dw, dv, dth, dlr_c, dmom_c, fault = carry
+    bufs = [_buffer.Buffer(x, m, h, stack) for (x, m, h), stack in zip(bufs, stacks)]
     exact = jnp.bool_(True)
     for a, b in zip(W, fw.W0):
         exact &= jnp.all(a == b)
@@ -296,13 +301,13 @@ class Reversible:
         array the size is derived from its values and this may be None.
       extra_words: slack 16-bit words per weight on top of the size the
         schedule needs (that size is exact, so 0 suffices).
-      isolate_gradient: compute grad_w L in both passes as the same fenced
-        subgraph (`lax.optimization_barrier`), so the compiler cannot fuse it
-        differently backwards (e.g. contract a*b + c into an FMA in one pass
-        only), which would break the reversal. With False the backward pass
-        takes the gradient from the Hessian-vector product's own forward pass;
-        an elementwise loss may then drift. Drift is always detected and
-        raised, never returned.
+      isolate_gradient: compute grad_w L and the residuals of its VJP in both
+        passes as the same fenced subgraph (`lax.optimization_barrier`,
+        `_problem.linearized_gradient`), so the compiler cannot fuse it with
+        its neighbours differently backwards (e.g. contract a*b + c into an
+        FMA in one pass only), which would break the reversal. With False
+        both passes use the plain gradient and its VJP unfenced. Drift is
+        always detected and raised, never returned.
 
     Memory: W, V and the buffer's x (24 bytes per weight) plus 2 bytes per
     16-bit word, sum_t log2(1/gamma_t) / 16 words per weight.

@@ -13,7 +13,7 @@
 
 `normalise` turns a spec into a `Schedule`: for each params leaf i exactly one of
 `constant[i]` (shape B_i) or `stepwise[i]` (shape [steps, *B_i]), B_i broadcastable
-to the leaf's shape. `values(schedule, slices)` gives the per-leaf arrays at one
+to the leaf's shape. `values(schedule, slices, ...)` gives the per-leaf arrays at one
 step; the stepwise arrays travel through `lax.scan` as `xs`, so the gradient of
 each step's slice comes back as a scan output instead of an O(steps) scatter.
 """
@@ -117,11 +117,6 @@ def normalise(name: str, spec: Any, params0: Any, steps: int) -> Schedule:
     return Schedule(tuple(constant), tuple(stepwise))
 
 
-def step_slices(schedule: Schedule):
-    """The `xs` for `lax.scan`: the stepwise arrays (leaves [steps, ...]); None elsewhere."""
-    return schedule.stepwise
-
-
 def values(schedule: Schedule, slices, shapes: list[tuple], dtypes: list) -> list[jax.Array]:
     """Per-leaf hyperparameter arrays at one step (broadcast to each leaf's shape and dtype)."""
     out = []
@@ -129,12 +124,6 @@ def values(schedule: Schedule, slices, shapes: list[tuple], dtypes: list) -> lis
         a = c if c is not None else s
         out.append(jnp.broadcast_to(a.astype(dt), shape))
     return out
-
-
-def flat(schedule: Schedule, slices, shapes: list[tuple]) -> jax.Array:
-    """The flat [P] float64 vector of one step's values (for the fixed-point core)."""
-    vals = values(schedule, slices, shapes, [jnp.float64] * len(shapes))
-    return jnp.concatenate([v.ravel() for v in vals]) if vals else jnp.zeros((0,))
 
 
 def is_concrete(schedule: Schedule) -> bool:

@@ -118,6 +118,6 @@ def prepare(loss_fn, params0, hypers, *, lr, momentum, steps, v0=None, path_fn=N
     problem = Problem(objective=converted, treedef=treedef,
                       shapes=tuple(tuple(jnp.shape(l)) for l in leaves),
                       dtypes=tuple(jnp.result_type(l) for l in leaves),
-                      steps=steps, has_path=path_fn is not None)
+                      steps=steps)
     v0 = jax.tree_util.tree_map(lambda v, p: jnp.asarray(v, jnp.result_type(p)), v0, params0)
     return Prepared(problem, params0, v0, (hypers, tuple(consts)), lr_s, mom_s)

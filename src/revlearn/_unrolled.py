@@ -72,7 +72,7 @@ class Unrolled:
     def solve(self, problem: Problem, params0, v0, theta, lr, momentum):
         step = _float_step(problem, lr, momentum, theta)
         xs = (jnp.arange(problem.steps, dtype=jnp.int32),
-              _schedules.step_slices(lr), _schedules.step_slices(momentum))
+              lr.stepwise, momentum.stepwise)
         (w, v, path, fault), _ = jax.lax.scan(step, _initial_carry(params0, v0), xs)
         _faults.raise_if_fault(fault, "revlearn.sgd(method=Unrolled())")
         return problem.treedef.unflatten(w), path
@@ -98,7 +98,7 @@ class Checkpointed:
         k = min(k, T)
         step = _float_step(problem, lr, momentum, theta)
         xs = (jnp.arange(T, dtype=jnp.int32),
-              _schedules.step_slices(lr), _schedules.step_slices(momentum))
+              lr.stepwise, momentum.stepwise)
         m, r = divmod(T, k)
 
         @jax.checkpoint

@@ -87,9 +87,8 @@ def _message(code: int, step: int, where: str, info: dict) -> str:
             "gradient recomputed backwards differed from the forward one: either "
             "loss_fn is not a pure function of (params, hypers, step) (randomness not "
             "derived from `step`, non-deterministic GPU ops such as scatter-add), or the "
-            "compiler rounded the gradient differently in the two passes (seen on CPU "
-            "with some elementwise losses, e.g. Rosenbrock's, even with the default "
-            "Reversible(isolate_gradient=True)). Make loss_fn pure, or use "
+            "compiler rounded the gradient differently in the two passes (use "
+            "Reversible(isolate_gradient=True), the default). Make loss_fn pure, or use "
             "revlearn.Checkpointed() or revlearn.Unrolled(), which do not reverse."),
         BUFFER_UNDERFLOW: (
             f"{where}: the information buffer ran empty at step {step}: the reversal "

@@ -45,21 +45,35 @@ class Problem(NamedTuple):
 
 
 def linearized_gradient(problem: Problem, params, theta_f, theta_o, step):
-    """((grad_w loss, path term), VJP of (params, theta_f) -> (grad, path)), fenced.
+    """((grad_w loss, path term), VJP of (params, theta_f) -> (grad, path)), isolated.
 
-    The gradient *and* the residuals its VJP (the Hessian-vector product) needs
-    are computed as one subgraph between `lax.optimization_barrier`s. The
-    forward pass of `Reversible` calls this too and ignores the residuals, so
-    both passes compile the same fenced subgraph; only the VJP's backward
-    half, outside the fence, fuses freely. One gradient evaluation per reverse
-    step, not two. On the shipped models (and Himmelblau's function, where an
-    unfenced gradient drifts) the gradient then has the same bits in both
-    passes; XLA can still round some elementwise losses differently in the two
-    loops (Rosenbrock's, on CPU), which the final check detects and raises.
+    Exact reversal needs the gradient recomputed in the reverse pass to have
+    the same bits as in the forward pass. Inlined into each pass, XLA fuses it
+    with different neighbours and may then round it differently (on CPU, e.g.
+    contracting a*b + c into a fused multiply-add in one loop and not the
+    other: seen with Rosenbrock's function). Here the gradient *and* the
+    residuals its VJP (the Hessian-vector product) needs are computed inside
+    a `lax.cond` whose two branches are this same function: XLA compiles a
+    conditional's branches as separate computations and cannot fuse across
+    them (`optimization_barrier` is no fence on CPU: it is removed before
+    fusion). The forward pass of `Reversible` calls this too and ignores the
+    residuals, so both passes run the same isolated computation; only the
+    VJP's backward half fuses freely. One gradient evaluation per reverse
+    step, not two. The predicate depends on `step` only, so under `vmap` the
+    conditional stays a conditional.
     """
-    params, theta_f, theta_o, step = jax.lax.optimization_barrier((params, theta_f, theta_o, step))
-    out, vjp = jax.vjp(lambda p, th: problem.gradient(p, merge(th, theta_o), step), params, theta_f)
-    return jax.lax.optimization_barrier((out, vjp))
+    treedef = []
+
+    def branch(operands):
+        params, theta_f, step = operands
+        out, vjp = jax.vjp(lambda p, th: problem.gradient(p, merge(th, theta_o), step),
+                           params, theta_f)
+        leaves, tdef = jax.tree_util.tree_flatten(vjp)
+        treedef[:] = [tdef]
+        return out, leaves
+
+    out, leaves = jax.lax.cond(step >= 0, branch, branch, (params, theta_f, step))
+    return out, jax.tree_util.tree_unflatten(treedef[0], leaves)
 
 
 def split_inexact(tree):

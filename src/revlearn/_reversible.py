@@ -302,12 +302,12 @@ class Reversible:
       extra_words: slack 16-bit words per weight on top of the size the
         schedule needs (that size is exact, so 0 suffices).
       isolate_gradient: compute grad_w L and the residuals of its VJP in both
-        passes as the same fenced subgraph (`lax.optimization_barrier`,
-        `_problem.linearized_gradient`), so the compiler cannot fuse it with
-        its neighbours differently backwards (e.g. contract a*b + c into an
-        FMA in one pass only), which would break the reversal. With False
-        both passes use the plain gradient and its VJP unfenced. Drift is
-        always detected and raised, never returned.
+        passes as the same isolated computation (the branch of a `lax.cond`,
+        see `_problem.linearized_gradient`), so the compiler cannot fuse it
+        with its neighbours differently backwards (e.g. contract a*b + c into
+        an FMA in one pass only), which would break the reversal. With False
+        both passes inline the plain gradient and its VJP. Drift is always
+        detected and raised, never returned.
 
     Memory: W, V and the buffer's x (24 bytes per weight) plus 2 bytes per
     16-bit word, sum_t log2(1/gamma_t) / 16 words per weight.

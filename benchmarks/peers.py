@@ -238,6 +238,7 @@ def main(argv=None):
                     help="run the JAX cells on a GPU (torch cells stay on CPU)")
     ap.add_argument("--mem-limit-gib", type=float, default=20.0, help="skip cells estimated above this")
     ap.add_argument("--time-limit-s", type=float, default=600.0, help="skip cells estimated above this")
+    ap.add_argument("--name", help="results file stem (default peers, peers_quick, peers_gpu)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -321,7 +322,7 @@ def main(argv=None):
             c["time_ratio"] = c["time_s"] / r["time_s"]
             c["mem_ratio"] = c["peak_rss_mib"] / r["peak_rss_mib"]
     frontier = compute_frontier(cells, base)
-    name = "peers" + ("_quick" if a.quick else "") + ("_gpu" if a.device == "gpu" else "")
+    name = a.name or ("peers" + ("_quick" if a.quick else "") + ("_gpu" if a.device == "gpu" else ""))
     png = os.path.join(RESULTS, name + "_memory.png")
     os.makedirs(RESULTS, exist_ok=True)
     plot(cells, base, png)

@@ -45,12 +45,12 @@ from revlearn import data as rdata
 from revlearn import models
 from revlearn.meta import RunDir, iteration_key, meta_optimize
 
+from . import _plots
 from ._registry import Experiment, register
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT"]
 
-_SPLITS = ("train", "valid", "test")
-_SPLIT_NAMES = {"train": "training", "valid": "validation", "test": "test"}
+_SPLITS, _SPLIT_NAMES = _plots.SPLITS, _plots.SPLIT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,30 +386,13 @@ def plot(path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
 
     # 2. meta-learning curves
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    it = np.array([m["iteration"] for m in metrics])
-    colors = {"train": "C2", "valid": "C0", "test": "C3"}
-    for split in _SPLITS:
-        if metrics and f"{split}_loss" in metrics[0]:
-            label = _SPLIT_NAMES[split]
-            ax1.plot(it, [m[f"{split}_loss"] for m in metrics], "o-", ms=3, color=colors[split],
-                     label=label + (" (meta-objective)" if split == "valid" else ""))
-            ax2.plot(it, [100 * m[f"{split}_error"] for m in metrics], "o-", ms=3,
-                     color=colors[split], label=label)
+    fig, ax1, ax2 = _plots.meta_curves(metrics)
     best = best_grid_index(res["grid_valid_loss"])
     ax1.axhline(res["grid_test_loss"][best], color="C3", ls=":", lw=1.2,
                 label=f"test, best global $\\lambda$ ({best_l2:g})")
     ax2.axhline(100 * res["grid_test_error"][best], color="C3", ls=":", lw=1.2,
                 label=f"test, best global $\\lambda$ ({best_l2:g})")
-    ax1.set_ylabel("loss after training (mean NLL, nats)")
-    ax2.set_ylabel("error after training (%)")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("meta-iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax1.set_title("Loss of the trained model")
-    ax2.set_title("Classification error of the trained model")
+    _plots.finish(ax1, ax2, "model")
     fig.suptitle("Meta-learning curves (each point: one training run on that iteration's "
                  "minibatch order)")
     paths.append(out / "meta_curves.png")
@@ -424,9 +407,9 @@ def plot(path) -> list[Path]:
     gx = np.where(positive, g, floor)
     for ax, kind, scale, unit in ((ax1, "loss", 1.0, "mean NLL, nats"), (ax2, "error", 100.0, "%")):
         for split in ("valid", "test"):
-            ax.plot(gx, scale * res[f"grid_{split}_{kind}"], "o-", color=colors[split],
+            ax.plot(gx, scale * res[f"grid_{split}_{kind}"], "o-", color=_plots.COLORS[split],
                     label=f"{_SPLIT_NAMES[split]}, global $\\lambda$")
-            ax.axhline(scale * float(res[f"learned_{split}_{kind}"]), color=colors[split],
+            ax.axhline(scale * float(res[f"learned_{split}_{kind}"]), color=_plots.COLORS[split],
                        ls="--", label=f"{_SPLIT_NAMES[split]}, learned per-weight $\\lambda$")
         ax.axvline(gx[best], color="0.6", lw=0.8, label="best global $\\lambda$ (lowest "
                    "validation loss)")

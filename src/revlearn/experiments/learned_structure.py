@@ -56,6 +56,7 @@ from revlearn import data as rdata
 from revlearn import models
 from revlearn.meta import RunDir, iteration_key, meta_optimize
 
+from . import _plots
 from ._registry import Experiment, register
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "Geometry", "geometry", "structure_penalty",
@@ -63,8 +64,7 @@ __all__ = ["Config", "run", "plot", "EXPERIMENT", "Geometry", "geometry", "struc
 
 SIDE = 28
 N_OFF = 2 * SIDE - 1  # offsets -27 .. 27 along each axis
-_SPLITS = ("train", "valid", "test")
-_SPLIT_NAMES = {"train": "training", "valid": "validation", "test": "test"}
+_SPLITS, _SPLIT_NAMES = _plots.SPLITS, _plots.SPLIT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,17 +561,7 @@ def plot(path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
 
     # 3. meta-learning curves against the baselines
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    it = np.array([m["iteration"] for m in metrics])
-    colors = {"train": "C2", "valid": "C0", "test": "C3"}
-    for split in _SPLITS:
-        if metrics and f"{split}_loss" in metrics[0]:
-            lab = _SPLIT_NAMES[split]
-            ax1.plot(it, [m[f"{split}_loss"] for m in metrics], "o-", ms=3, color=colors[split],
-                     label=lab + (" (meta-objective)" if split == "valid" else ""))
-            ax2.plot(it, [100 * m[f"{split}_error"] for m in metrics], "o-", ms=3,
-                     color=colors[split], label=lab)
+    fig, ax1, ax2 = _plots.meta_curves(metrics)
     for name, ls, label in (("fc_global", ":", "test, fully connected, best global L2"),
                             ("conv_global", "--", "test, convnet, best kernel and L2")):
         if f"{name}_test_loss" not in res:
@@ -579,14 +569,7 @@ def plot(path) -> list[Path]:
         ax1.axhline(float(res[f"{name}_test_loss"]), color="0.3", ls=ls, lw=1.2, label=label)
         ax2.axhline(100 * float(res[f"{name}_test_error"]), color="0.3", ls=ls, lw=1.2,
                     label=label)
-    ax1.set_ylabel("loss after training (mean NLL, nats)")
-    ax2.set_ylabel("error after training (%)")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("meta-iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax1.set_title("Loss of the trained net")
-    ax2.set_title("Classification error of the trained net")
+    _plots.finish(ax1, ax2, "net")
     fig.suptitle("Meta-learning curves (each point: one training run, fresh initialisation "
                  "and minibatch order)")
     paths.append(out / "meta_curves.png")

@@ -88,7 +88,7 @@ def test_size_is_within_a_thousandth_of_the_minimum(gamma):
     steps, n = 400, round(gamma * 65536)
     v0 = jnp.asarray(np.random.default_rng(1).integers(-2**50, 2**50, (64,)), jnp.int64)
     v1, b1, *_ = _roundtrip(v0, np.full((steps,), n), ())
-    bits = float(_buffer.bits_reserved(b1)) / steps
+    bits = float(_buffer.bits_reserved(b1.head, b1.m)) / steps
     ideal = math.log2(65536 / n)
     assert ideal <= bits <= ideal + 7e-5, (bits, ideal)
     assert int(b1.head) == math.floor((_buffer.M0 - _buffer.LOW * _buffer.UNIT

@@ -101,6 +101,17 @@ def test_non_finite_gradient_names_the_step(method):
         jax.block_until_ready(revlearn.sgd(loss, P0, None, lr=0.1, momentum=0.9, steps=8, method=method))
 
 
+def test_non_finite_hypergradient_names_the_step():
+    """A per-step meta term whose gradient overflows (2e308) makes the reverse pass's
+    cotangent non-finite at every step; the error names the last step, where it starts."""
+    def f(w):
+        _, path = revlearn.sgd(quad, {"w": w, "b": jnp.zeros(2)}, None, lr=0.1, momentum=0.9,
+                               steps=8, path_fn=lambda p, h, t: 1e308 * jnp.sum(p["w"] ** 2))
+        return path
+    with pytest.raises(Exception, match=r"hypergradient became non-finite at step 7"):
+        jax.block_until_ready(jax.grad(f)(jnp.ones((3, 2))))
+
+
 def test_fixed_point_overflow_names_the_step_and_the_fix():
     def linear(p, h, t):  # gradient -1: w grows by about lr per step
         return -jnp.sum(p["w"])

@@ -39,10 +39,12 @@ momentum entry (a whole layer, usually) share m and the stack head, so a spill
 writes one dense row of the stack; per-weight momentum gives per-weight heads
 (a scatter, still exact).
 
-Shapes (one buffer per params leaf of shape S; B = shape of that leaf's
-momentum entry, broadcastable to S): x [*S] int64, m and head [*B],
-stack [capacity + 1, *S] uint16 (the last row is scratch for steps that do not
-spill).
+Shapes (`Buffer`, one leaf of shape S; B = shape of its momentum entry,
+broadcastable to S): x [*S] int64, m and head [*B], stack [capacity + 1, *S]
+uint16 (the last row is scratch for steps that do not spill). `multiply` and
+`divide` act on one `Buffer`; the reversible core calls their parts (`advance`
+/ `retreat` on m, `encode` / `decode` elementwise on x, `push` / `pop` on the
+stack) on its packed layout.
 """
 
 from __future__ import annotations
@@ -88,9 +90,9 @@ def is_empty(buf: Buffer) -> jax.Array:
     return jnp.all(buf.x == X0) & jnp.all(buf.m == M0) & jnp.all(buf.head == 0)
 
 
-def bits_reserved(buf: Buffer) -> jax.Array:
+def bits_reserved(head: jax.Array, m: jax.Array) -> jax.Array:
     """Bits per weight the buffer has taken since it was empty [*B]: 16 head + (m - M0) / 2^32."""
-    return WORD_BITS * buf.head.astype(jnp.float64) + (buf.m - M0).astype(jnp.float64) / UNIT
+    return WORD_BITS * head.astype(jnp.float64) + (m - M0).astype(jnp.float64) / UNIT
 
 
 class Coding(NamedTuple):
@@ -152,8 +154,9 @@ def _divmod(x: jax.Array, d: jax.Array, inv_d: jax.Array) -> tuple[jax.Array, ja
 
 
 def _divmod_small(x: jax.Array, d: jax.Array, inv_d: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`_divmod` for 0 <= x < 2^48: x is exact in float64 and x / d < 2^48, so one
-    estimate is off by at most one."""
+    """`_divmod` where the quotient is below 2^46 in magnitude (e.g. 0 <= x < 2^48): the
+    float estimate x * (1 / d) then has a relative error below 2^-51, an absolute one
+    below 2^-5, so its floor is off by at most one."""
     q = jnp.floor(x.astype(jnp.float64) * inv_d).astype(jnp.int64)
     return _correct(q, x - q * d, d)
 
@@ -166,34 +169,104 @@ def _correct(q, r, d):
     return q, r
 
 
-def _shared(buf: Buffer) -> bool:
-    return buf.head.size == 1
+def advance(m: jax.Array, inc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The forward bound update of one step [*B]: (spill before it, m after it)."""
+    m = m + inc
+    spill = m > HIGH * UNIT
+    return spill, m - jnp.where(spill, WORD_BITS * UNIT, 0)
 
 
-def _push(buf: Buffer, spill: jax.Array, word: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Write `word` [*S] at row `head` where `spill`; flag a full stack."""
-    cap = buf.stack.shape[0] - 1
-    fits = buf.head < cap
+def retreat(m: jax.Array, inc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `advance`: (whether the step spilled, m before it)."""
+    spill = m <= LOW * UNIT + inc
+    return spill, m - inc + jnp.where(spill, WORD_BITS * UNIT, 0)
+
+
+def _kept(z: jax.Array, one) -> jax.Array:
+    """z (int64, 0 <= z < 2^53) unchanged, computed once.
+
+    XLA CPU has no multi-output fusion: each array a step writes is its own
+    kernel, and integer work shared by two of them is recomputed in both.
+    Dividing by `one` (a float64 1.0 that the compiler cannot prove constant)
+    is exact for such z but counts as expensive, so XLA materialises z once
+    instead. `one=None` leaves the choice to XLA.
+    """
+    if one is None:
+        return z
+    return (z.astype(jnp.float64) / one).astype(jnp.int64)
+
+
+def encode(v: jax.Array, x: jax.Array, spill: jax.Array, c: Coding, one=None):
+    """Elementwise core of `multiply` (any broadcastable shapes): V -> V n / 2^16.
+
+    Returns (V', x', word): `word` is the low 16 bits of x before the step,
+    which the caller must push where `spill`. `one`: see `_kept`.
+    """
+    word = (x & 0xFFFF).astype(jnp.uint16)
+    x = jnp.where(spill, x >> WORD_BITS, x)
+    # encode r = V mod 2^16 into slot y of [0, 2^31), then decode s from that slot
+    y = ((v & 0xFFFF) << 15) | (x & 0x7FFF)
+    split = c.rem * (c.q + 1)            # slots [0, split) belong to symbols of frequency q + 1
+    low = y < split
+    t, _ = _divmod_small(jnp.where(low, y, y - split), jnp.where(low, c.q + 1, c.q),
+                         jnp.where(low, c.inv_q1, c.inv_q))
+    z = _kept((jnp.where(low, t, c.rem + t) << 31) | y, one)    # s < 2^16, y < 2^31
+    s, y = z >> 31, z & 0x7FFFFFFF
+    f, start = _frequency(s, c)
+    x = f * (x >> 15) + (y - start)
+    return (v >> 16) * c.n + s, x, word
+
+
+def decode(v: jax.Array, x: jax.Array, spill: jax.Array, word: jax.Array, c: Coding, one=None):
+    """Exact inverse of `encode`: (V', x', spill, the word pushed) -> (V, x). `one`: see `_kept`."""
+    # v = a n + s with |a| < 2^46 (a = V >> 16 of the forward step), so one float
+    # estimate of a is off by at most one, as in `_divmod_small`
+    _, s = _divmod_small(v, c.n, c.inv_n)
+    f, _ = _frequency(s, c)
+    _, lo = _divmod_small(x, f, jnp.where(s < c.rem, c.inv_q1, c.inv_q))
+    z = _kept((s << 31) | lo, one)                      # s < 2^16, lo < f <= 2^30
+    s, lo = z >> 31, z & 0x7FFFFFFF
+    f, start = _frequency(s, c)
+    # the quotients are exact divisions now (v - s = a n, x - lo = hi f) of results below
+    # 2^47, so a rounded float estimate is exact
+    a = jnp.round((v - s).astype(jnp.float64) * c.inv_n).astype(jnp.int64)
+    hi = jnp.round((x - lo).astype(jnp.float64)
+                   * jnp.where(s < c.rem, c.inv_q1, c.inv_q)).astype(jnp.int64)
+    y = lo + start                                      # encode s: x1 = hi 2^31 + y
+    x = (hi << 15) | (y & 0x7FFF)                       # decode r = y >> 15
+    x = jnp.where(spill, (x << WORD_BITS) | word.astype(jnp.int64), x)
+    return (a << 16) | (y >> 15), x
+
+
+def push(stack: jax.Array, head: jax.Array, spill: jax.Array, word: jax.Array):
+    """Write `word` [*S] at row `head` where `spill` (stack [cap + 1, *S]; head and spill
+    of one value, or per weight [*S]). Returns (stack, head, whether it was full)."""
+    cap = stack.shape[0] - 1
+    fits = head < cap
     full = jnp.any(spill & ~fits)
-    if _shared(buf):
-        row = jnp.where(spill & fits, buf.head, cap).reshape(())
-        return jax.lax.dynamic_update_index_in_dim(buf.stack, word, row, axis=0), full
-    shape = buf.x.shape
-    rows = jnp.broadcast_to(jnp.where(spill & fits, buf.head, cap), shape).ravel()
-    flat = buf.stack.reshape(cap + 1, -1)
-    flat = flat.at[rows, jnp.arange(flat.shape[1])].set(word.ravel(), mode="promise_in_bounds")
-    return flat.reshape(buf.stack.shape), full
+    if head.size == 1:
+        row = jnp.where(spill & fits, head, cap).reshape(())
+        stack = jax.lax.dynamic_update_index_in_dim(stack, word, row, axis=0)
+    else:
+        rows = jnp.broadcast_to(jnp.where(spill & fits, head, cap), word.shape).ravel()
+        flat = stack.reshape(cap + 1, -1)
+        flat = flat.at[rows, jnp.arange(flat.shape[1])].set(word.ravel(), mode="promise_in_bounds")
+        stack = flat.reshape(stack.shape)
+    return stack, head + spill.astype(jnp.int32), full
 
 
-def _top(buf: Buffer) -> jax.Array:
-    """The word at row head - 1 [*S] (row 0 where the stack is empty)."""
-    rows = jnp.maximum(buf.head - 1, 0)
-    if _shared(buf):
-        return jax.lax.dynamic_index_in_dim(buf.stack, rows.reshape(()), axis=0, keepdims=False)
-    shape = buf.x.shape
-    flat = buf.stack.reshape(buf.stack.shape[0], -1)
-    rows = jnp.broadcast_to(rows, shape).ravel()
-    return flat[rows, jnp.arange(flat.shape[1])].reshape(shape)
+def pop(stack: jax.Array, head: jax.Array, spill: jax.Array):
+    """Inverse of `push`: (the word at row head - 1 [*S], head, whether it ran empty)."""
+    empty_ = jnp.any(spill & (head <= 0))
+    rows = jnp.maximum(head - 1, 0)
+    if head.size == 1:
+        word = jax.lax.dynamic_index_in_dim(stack, rows.reshape(()), axis=0, keepdims=False)
+    else:
+        shape = stack.shape[1:]
+        flat = stack.reshape(stack.shape[0], -1)
+        rows = jnp.broadcast_to(rows, shape).ravel()
+        word = flat[rows, jnp.arange(flat.shape[1])].reshape(shape)
+    return word, head - spill.astype(jnp.int32), empty_
 
 
 def _frequency(s: jax.Array, c: Coding) -> tuple[jax.Array, jax.Array]:
@@ -203,34 +276,15 @@ def _frequency(s: jax.Array, c: Coding) -> tuple[jax.Array, jax.Array]:
 
 def multiply(v: jax.Array, c: Coding, buf: Buffer) -> tuple[jax.Array, Buffer, jax.Array]:
     """V -> V n / 2^16 exactly (int64 V [*S]; table [*B]). Returns (V', buffer, stack full)."""
-    m = buf.m + c.inc
-    spill = m > HIGH * UNIT
-    stack, full = _push(buf, spill, (buf.x & 0xFFFF).astype(jnp.uint16))
-    x = jnp.where(spill, buf.x >> WORD_BITS, buf.x)
-    m = m - jnp.where(spill, WORD_BITS * UNIT, 0)
-    head = buf.head + spill.astype(jnp.int32)
-    # encode r = V mod 2^16 into slot y of [0, 2^31), then decode s from that slot
-    y = ((v & 0xFFFF) << 15) | (x & 0x7FFF)
-    split = c.rem * (c.q + 1)            # slots [0, split) belong to symbols of frequency q + 1
-    low = y < split
-    t, _ = _divmod_small(jnp.where(low, y, y - split), jnp.where(low, c.q + 1, c.q),
-                   jnp.where(low, c.inv_q1, c.inv_q))
-    s = jnp.where(low, t, c.rem + t)
-    f, start = _frequency(s, c)
-    x = f * (x >> 15) + (y - start)
-    return (v >> 16) * c.n + s, Buffer(x, m, head, stack), full
+    spill, m = advance(buf.m, c.inc)
+    v, x, word = encode(v, buf.x, spill, c)
+    stack, head, full = push(buf.stack, buf.head, spill, word)
+    return v, Buffer(x, m, head, stack), full
 
 
 def divide(v: jax.Array, c: Coding, buf: Buffer) -> tuple[jax.Array, Buffer, jax.Array]:
     """Exact inverse of `multiply`: V' -> V' 2^16 / n. Returns (V, buffer, stack ran empty)."""
-    a, s = _divmod(v, c.n, c.inv_n)
-    f, start = _frequency(s, c)
-    hi, lo = _divmod_small(buf.x, f, jnp.where(s < c.rem, c.inv_q1, c.inv_q))  # encode s: x1 = hi 2^31 + y
-    y = lo + start
-    x = (hi << 15) | (y & 0x7FFF)                               # decode r = y >> 15
-    spill = buf.m <= LOW * UNIT + c.inc
-    empty_ = jnp.any(spill & (buf.head <= 0))
-    x = jnp.where(spill, (x << WORD_BITS) | _top(buf).astype(jnp.int64), x)
-    m = buf.m - c.inc + jnp.where(spill, WORD_BITS * UNIT, 0)
-    head = buf.head - spill.astype(jnp.int32)
-    return (a << 16) | (y >> 15), Buffer(x, m, head, buf.stack), empty_
+    spill, m = retreat(buf.m, c.inc)
+    word, head, empty_ = pop(buf.stack, buf.head, spill)
+    v, x = decode(v, buf.x, spill, word, c)
+    return v, Buffer(x, m, head, buf.stack), empty_

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _buffer, _reversible, _schedules
 from ._problem import merge, split_inexact
+from ._layout import Layout
 from ._reversible import Reversible
 from ._sgd import prepare, sgd
 from ._unrolled import Unrolled
@@ -65,10 +66,8 @@ def check_reversal(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=Non
         fw = _reversible.forward(p.problem, method, capacity, w0, v0, merge(theta_f, theta_o), lr, mom)
         zero = [jnp.zeros(jnp.shape(w), jnp.float64) for w in w0]
         bw = _reversible.backward(p.problem, method, fw, theta_f, theta_o, lr, mom, zero, 0.0)
-        same = lambda a, b: jnp.all(jnp.stack([jnp.all(x == y) for x, y in zip(a, b)]))
-        err = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(bw.W, fw.W0)]))
-        empty = jnp.all(jnp.stack([_buffer.is_empty(b) for b in bw.buffers]))
-        return same(bw.W, fw.W0), same(bw.V, fw.V0), empty, err
+        err = jnp.max(jnp.abs(bw.W - fw.W0))
+        return jnp.all(bw.W == fw.W0), jnp.all(bw.V == fw.V0), bw.buffer_empty(), err
 
     w, v, b, err = roundtrip(_leaves(p.params0), _leaves(p.v0), theta_f, theta_o, p.lr, p.momentum)
     return ReversalCheck(bool(w), bool(v), bool(b), int(err))
@@ -100,11 +99,15 @@ def buffer_usage(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
     @jax.jit
     def run(w0, v0, theta, lr, mom):
         fw = _reversible.forward(p.problem, method, capacity, w0, v0, theta, lr, mom)
-        # bits reserved per weight: each buffer's m and head are shared by the
-        # weights of one momentum entry, so weight them by the leaf's size
-        total = sum(jnp.sum(jnp.broadcast_to(_buffer.bits_reserved(b), jnp.shape(b.x)))
-                    for b in fw.buffers)
-        words = jnp.max(jnp.stack([jnp.max(b.head) for b in fw.buffers]))
+        # bits reserved per weight: a leaf's m and head are one value for all its
+        # weights or one per weight on its rows (padding excluded)
+        lay = Layout.of(p.problem.shapes)
+        total = 0.0
+        for i, (m, head) in enumerate(zip(fw.m, fw.head)):
+            bits = _buffer.bits_reserved(head, m)
+            total += (bits * lay.sizes[i] if bits.ndim == 0
+                      else jnp.sum(bits.reshape(-1)[:lay.sizes[i]]))
+        words = jnp.max(jnp.stack([jnp.max(h) for h in fw.head]))
         return total / sum(p.problem.sizes), words
 
     bits, words = run(_leaves(p.params0), _leaves(p.v0), p.theta, p.lr, p.momentum)

@@ -1,7 +1,9 @@
 """Exact reversal of SGD with momentum (Maclaurin et al. 2015, Algorithms 1-3).
 
-State, per params leaf (shape S): W, V [*S] int64 fixed point (see
-`_fixed_point`) and an information buffer (`_buffer`). Forward step t
+State: W, V int64 fixed point (see `_fixed_point`) and the information
+buffer's x (`_buffer`), each one packed array [nblocks, BLOCK] for all params
+leaves (`_layout`), plus the buffer's bound, head and stack per leaf (one
+16-bit row per spill). Forward step t
 (g_t = grad_w L(w_t, theta, t), gamma_t = n_t / 2^16, Q(x) = round(x 2^k)):
 
     V <- V * gamma_t                      (exact: the lost bits go to the buffer)
@@ -24,8 +26,12 @@ end the recovered W_0, V_0 and buffers must equal the initial ones bit-for-bit;
 anything else raises `ReversibleError` rather than return a wrong gradient.
 Memory: O(P) plus the buffer, about log2(1/gamma) bits per weight per step.
 
-The state stays a list of per-leaf arrays (no flat concatenation), and each
-step folds its checks into one bitwise-or reduction per leaf.
+Cost. On CPU each array a step writes is one XLA kernel, so the packed layout
+makes each elementwise stage one kernel for the whole model, and the few
+intermediates that several kernels read (the buffer's decoded symbol, the
+packed gradient, dv + alpha dw) are computed once (`_buffer._kept`, `_ones`).
+The forward step folds its checks into one bitwise-or reduction; the reverse
+step checks dw through the sums it makes for the lr adjoint anyway.
 """
 
 from __future__ import annotations
@@ -39,19 +45,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _buffer, _faults, _fixed_point as fp, _schedules
+from ._layout import BLOCK, Layout
 from ._problem import Problem, linearized_gradient, merge, split_inexact
 
 
 class Forward(NamedTuple):
-    """End of the forward pass (lists over params leaves)."""
+    """End of the forward pass. W, V, x: packed [nblocks, BLOCK] (see `_layout`);
+    m, head, stacks: the buffer's bound, head and stack per params leaf."""
 
-    W: list
-    V: list
-    buffers: list
+    W: jax.Array
+    V: jax.Array
+    x: jax.Array
+    m: tuple
+    head: tuple
+    stacks: tuple
     path: jax.Array
     fault: _faults.Fault
-    W0: list
-    V0: list
+    W0: jax.Array
+    V0: jax.Array
     coding: _schedules.Schedule      # of `_buffer.Coding`, shaped like the momentum schedule
 
 
@@ -63,10 +74,19 @@ class Backward(NamedTuple):
     dtheta: object
     dlr: _schedules.Schedule
     dmomentum: _schedules.Schedule
-    W: list
-    V: list
-    buffers: list
+    W: jax.Array
+    V: jax.Array
+    x: jax.Array
+    m: tuple
+    head: tuple
     fault: _faults.Fault
+
+    def buffer_empty(self) -> jax.Array:
+        """True iff the buffer is back at its initial state (every word popped, x and m restored)."""
+        out = jnp.all(self.x == _buffer.X0)
+        for m, h in zip(self.m, self.head):
+            out &= jnp.all(m == _buffer.M0) & jnp.all(h == 0)
+        return out
 
 
 def require_x64(where: str) -> None:
@@ -130,46 +150,78 @@ def _any_bits(*conds) -> jax.Array:
 
 
 def _dv(g, gq, k):
-    """Q((1 - gamma) g) [*S] int64 and the float it rounds (for range checks)."""
+    """Q((1 - gamma) g) int64 and whether it is in range (g non-finite counts as out of range)."""
     y = (1.0 - gq) * g.astype(jnp.float64) * (2.0 ** k)
     ok = jnp.abs(y) < fp.INT_LIMIT
     return jnp.round(jnp.where(ok, y, 0.0)).astype(jnp.int64), ok
 
 
 def _dw(alpha, V):
-    """round(alpha V) = Q(alpha v) [*S] int64 (V int64 fixed point; scaling by 2^+-k is exact)."""
+    """round(alpha V) = Q(alpha v) int64 (V int64 fixed point; scaling by 2^+-k is exact)."""
     y = alpha.astype(jnp.float64) * V.astype(jnp.float64)
     ok = jnp.abs(y) < fp.INT_LIMIT
     return jnp.round(jnp.where(ok, y, 0.0)).astype(jnp.int64), ok
 
 
-def _params(problem: Problem, W: list, k: int):
-    return problem.treedef.unflatten([fp.to_float(w, k).astype(dt)
-                                      for w, dt in zip(W, problem.dtypes)])
+def _ones(w: jax.Array) -> jax.Array:
+    """An array of 1.0 like the packed state that the compiler cannot prove constant
+    (see `_buffer._kept`): made from the packed initial weights `w`, and read by
+    the loops as a loop constant. Where w is not finite (a fault) it holds 2.0."""
+    return jnp.where(jnp.isfinite(w), 1.0, 2.0)
+
+
+def _params(problem: Problem, lay: Layout, W: jax.Array, k: int):
+    return problem.treedef.unflatten([l.astype(dt) for l, dt in
+                                      zip(lay.unpack(fp.to_float(W, k)), problem.dtypes)])
 
 
 def _xs(problem, lr, coding):
     return (jnp.arange(problem.steps, dtype=jnp.int32), lr.stepwise, coding.stepwise)
 
 
-def _entry_shapes(momentum: _schedules.Schedule) -> list:
+def _entry_shapes(schedule: _schedules.Schedule) -> list:
     return [np.shape(c) if c is not None else np.shape(s)[1:]
-            for c, s in zip(momentum.constant, momentum.stepwise)]
+            for c, s in zip(schedule.constant, schedule.stepwise)]
+
+
+def _entry_rows(lay: Layout, i: int, e: jax.Array) -> jax.Array:
+    """Leaf i's momentum-entry value as the buffer keeps it: one value (shape ()) when the
+    entry is a single value, else per weight on the leaf's rows [nb_i, BLOCK]."""
+    e = jnp.asarray(e)
+    if e.size == 1:
+        return e.reshape(())
+    return lay.pack_leaf(jnp.broadcast_to(e, lay.shapes[i]), i, pad="edge")
+
+
+def _spread_coding(lay: Layout, codes: list) -> _buffer.Coding:
+    return _buffer.Coding(*(lay.spread([getattr(c, f) for c in codes])
+                            for f in _buffer.Coding._fields))
+
+
+def empty_buffer(lay: Layout, momentum: _schedules.Schedule, capacity: tuple):
+    """x [nblocks, BLOCK], and per leaf m, head (shape () or [nb_i, BLOCK]) and stack."""
+    x = jnp.full(lay.shape, _buffer.X0, jnp.int64)
+    m, head, stacks = [], [], []
+    for i, (entry, cap) in enumerate(zip(_entry_shapes(momentum), capacity)):
+        shape = () if math.prod(entry) == 1 else (lay.rows[i], BLOCK)
+        m.append(jnp.full(shape, _buffer.M0, jnp.int64))
+        head.append(jnp.zeros(shape, jnp.int32))
+        stacks.append(jnp.zeros((cap + 1, lay.rows[i], BLOCK), jnp.uint16))
+    return x, tuple(m), tuple(head), tuple(stacks)
 
 
 def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v0: list, theta,
             lr, momentum) -> Forward:
     """Train `problem.steps` steps in fixed point from the float leaves w0, v0."""
     k = method.frac_bits
+    lay = Layout.of(problem.shapes)
     fault = _faults.Fault.none()
-    W0, V0 = [], []
-    for w, v in zip(w0, v0):
-        Wq, bad_w = fp.quantize(w, k)
-        Vq, bad_v = fp.quantize(v, k)
-        fault = fault.record(bad_w, _faults.WEIGHT_OVERFLOW, 0)
-        fault = fault.record(bad_v, _faults.VELOCITY_OVERFLOW, 0)
-        W0.append(Wq)
-        V0.append(Vq)
+    w0 = lay.pack(w0, jnp.float64)
+    ones = _ones(w0)
+    W0, bad_w = fp.quantize(w0, k)
+    V0, bad_v = fp.quantize(lay.pack(v0, jnp.float64), k)
+    fault = fault.record(bad_w, _faults.WEIGHT_OVERFLOW, 0)
+    fault = fault.record(bad_v, _faults.VELOCITY_OVERFLOW, 0)
     fault = _schedule_faults(fault, lr, momentum, problem.steps)
     coding = _coding(momentum)
     theta_f, theta_o = split_inexact(theta)
@@ -180,112 +232,123 @@ def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v
         return problem.gradient(params, theta, t)
 
     def step(carry, xs):
-        W, V, bufs, path, fault = carry
+        W, V, x, m, head, stacks, path, fault = carry
         t, lr_sl, code_sl = xs
-        g_tree, path_t = grad_fn(_params(problem, W, k), t)
-        bits = jnp.int32(0)
-        W_new, V_new, bufs_new = [], [], []
-        for Wi, Vi, bi, gi, alpha, c in zip(W, V, bufs, jax.tree_util.tree_leaves(g_tree),
-                                            _at_step(lr, lr_sl), _at_step(coding, code_sl)):
-            Vi, bi, full = _buffer.multiply(Vi, c, bi)
-            dV, ok_v = _dv(gi, c.n.astype(jnp.float64) / 65536.0, k)
-            Vi = Vi - dV
-            dW, ok_w = _dw(alpha, Vi)
-            Wi = Wi + dW
-            bits |= _any_bits(~jnp.isfinite(gi), ~ok_v | ~ok_w | fp.out_of_range_mask(Vi),
-                              fp.out_of_range_mask(Wi)) | (full.astype(jnp.int32) << 3)
-            W_new.append(Wi)
-            V_new.append(Vi)
-            bufs_new.append(bi)
-        for bit, code in ((0, _faults.NONFINITE_GRADIENT), (3, _faults.BUFFER_EXHAUSTED),
-                          (1, _faults.VELOCITY_OVERFLOW), (2, _faults.WEIGHT_OVERFLOW)):
+        codes = _at_step(coding, code_sl)
+        g_tree, path_t = grad_fn(_params(problem, lay, W, k), t)
+        g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
+        spill_l, m_new = [], []
+        for i, (mi, c) in enumerate(zip(m, codes)):
+            spill_i, mi = _buffer.advance(mi, _entry_rows(lay, i, c.inc))
+            spill_l.append(spill_i)
+            m_new.append(mi)
+        c = _spread_coding(lay, codes)
+        V, x, word = _buffer.encode(V, x, lay.join(spill_l), c, ones)
+        stacks_new, head_new, full = [], [], jnp.zeros((), bool)
+        for i, (st, h, sp) in enumerate(zip(stacks, head, spill_l)):
+            st, h, f = _buffer.push(st, h, sp, lay.rows_of(word, i))
+            stacks_new.append(st)
+            head_new.append(h)
+            full |= f
+        dV, ok_v = _dv(g, c.n.astype(jnp.float64) / 65536.0, k)
+        V = V - dV
+        dW, ok_w = _dw(lay.spread(_at_step(lr, lr_sl)), V)
+        W = W + dW
+        bits = _any_bits(~jnp.isfinite(g), ~ok_v | ~ok_w | fp.out_of_range_mask(V),
+                         fp.out_of_range_mask(W))
+        for bit, code in ((0, _faults.NONFINITE_GRADIENT), (1, _faults.VELOCITY_OVERFLOW),
+                          (2, _faults.WEIGHT_OVERFLOW)):
             fault = fault.record((bits >> bit) & 1 == 1, code, t)
-        return (W_new, V_new, bufs_new, path + path_t, fault), None
+        fault = fault.record(full, _faults.BUFFER_EXHAUSTED, t)
+        return (W, V, x, tuple(m_new), tuple(head_new), tuple(stacks_new), path + path_t,
+                fault), None
 
-    bufs = [_buffer.empty(shape, entry, cap)
-            for shape, entry, cap in zip(problem.shapes, _entry_shapes(momentum), capacity)]
-    init = (W0, V0, bufs, jnp.zeros((), jnp.float64), fault)
-    (W, V, bufs, path, fault), _ = jax.lax.scan(step, init, _xs(problem, lr, coding))
-    return Forward(W, V, bufs, path, fault, W0, V0, coding)
+    x, m, head, stacks = empty_buffer(lay, momentum, capacity)
+    init = (W0, V0, x, m, head, stacks, jnp.zeros((), jnp.float64), fault)
+    (W, V, x, m, head, stacks, path, fault), _ = jax.lax.scan(step, init, _xs(problem, lr, coding))
+    return Forward(W, V, x, m, head, stacks, path, fault, W0, V0, coding)
+
+
+def _reduce_to(lay: Layout, flat: jax.Array, sums: jax.Array, j: int, i: int, shape: tuple):
+    """Leaf i's adjoint of an entry of `shape` from a packed product: the per-leaf sum
+    `sums[j, i]` for single-value entries, else the leaf's part summed to `shape`."""
+    if math.prod(shape) == 1:
+        return sums[j, i].reshape(shape)
+    return _sum_to(lay.leaf(flat, i), shape)
 
 
 def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta_o, lr, momentum,
              ct_w: list, ct_path) -> Backward:
     """Run the training backwards from `fw`, accumulating the hypergradients."""
     k = method.frac_bits
+    lay = Layout.of(problem.shapes)
     zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
-    lr_shapes = [np.shape(c) if c is not None else np.shape(s)[1:]
-                 for c, s in zip(lr.constant, lr.stepwise)]
-    mom_shapes = _entry_shapes(momentum)
+    lr_shapes, mom_shapes = _entry_shapes(lr), _entry_shapes(momentum)
 
     def grad_at(t):
         return lambda p, thf: problem.gradient(p, merge(thf, theta_o), t)
 
     def step(carry, xs):
-        W, V, bufs, dw, dv, dth, dlr_c, dmom_c, fault = carry
+        W, V, x, m, head, dw, dv, dth, dlr_c, dmom_c, fault = carry
         t, lr_sl, code_sl = xs
-        alphas, codes = _at_step(lr, lr_sl), _at_step(fw.coding, code_sl)
-        d_alpha, W_prev = [], []
-        for Wi, Vi, dwi, alpha in zip(W, V, dw, alphas):
-            d_alpha.append(dwi * fp.to_float(Vi, k))
-            W_prev.append(Wi - _dw(alpha, Vi)[0])
-        params = _params(problem, W_prev, k)
+        codes = _at_step(fw.coding, code_sl)
+        alpha = lay.spread(_at_step(lr, lr_sl), jnp.float64)
+        W = W - _dw(alpha, V)[0]
+        params = _params(problem, lay, W, k)
         if method.isolate_gradient:
             (g_tree, path_t), vjp = linearized_gradient(problem, params, theta_f, theta_o, t)
         else:
             (g_tree, path_t), vjp = jax.vjp(grad_at(t), params, theta_f)
+        g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
+        spill_l, m_new, head_new, words = [], [], [], []
         under = jnp.zeros((), bool)
-        V_prev, bufs_new, dv_new, d_gamma, ct_g = [], [], [], [], []
-        # the reverse pass only reads the stacks: they stay loop constants, not carry
-        bufs = [_buffer.Buffer(x, m, h, stack) for (x, m, h), stack in zip(bufs, stacks)]
-        for Vi, bi, gi, dwi, dvi, alpha, c in zip(V, bufs, jax.tree_util.tree_leaves(g_tree), dw,
-                                                  dv, alphas, codes):
-            gq = c.n.astype(jnp.float64) / 65536.0
-            Vi, bi, empty = _buffer.divide(Vi + _dv(gi, gq, k)[0], c, bi)
-            under |= empty
-            dvi = dvi + alpha * dwi
-            d_gamma.append(dvi * (fp.to_float(Vi, k) + gi.astype(jnp.float64)))
-            ct_g.append(-(1.0 - gq) * dvi)
-            V_prev.append(Vi)
-            bufs_new.append((bi.x, bi.m, bi.head))
-            dv_new.append(dvi * gq)
-        ct_tree = problem.treedef.unflatten([c.astype(dt) for c, dt in zip(ct_g, problem.dtypes)])
-        hw, hth = vjp((ct_tree, jnp.asarray(ct_path, path_t.dtype)))
-        dw_new = [a + h.astype(jnp.float64) for a, h in zip(dw, jax.tree_util.tree_leaves(hw))]
+        for i, (mi, h, c) in enumerate(zip(m, head, codes)):
+            spill_i, mi = _buffer.retreat(mi, _entry_rows(lay, i, c.inc))
+            word, h, e = _buffer.pop(stacks[i], h, spill_i)
+            spill_l.append(spill_i)
+            m_new.append(mi)
+            head_new.append(h)
+            words.append(word)
+            under |= e
+        c = _spread_coding(lay, codes)
+        gq = c.n.astype(jnp.float64) / 65536.0
+        V_next = V
+        V, x = _buffer.decode(V + _dv(g, gq, k)[0], x, lay.join(spill_l), lay.join(words), c, ones)
+        dv = (dv + alpha * dw) / ones          # read by several kernels: computed once
+        prods = jnp.stack([dw * fp.to_float(V_next, k), dv * (fp.to_float(V, k) + g)])
+        sums = lay.sums(prods)
+        ct = [c_.astype(dt) for c_, dt in zip(lay.unpack(-(1.0 - gq) * dv), problem.dtypes)]
+        dv = dv * gq
+        hw, hth = vjp((problem.treedef.unflatten(ct), jnp.asarray(ct_path, path_t.dtype)))
+        dw = dw + lay.pack(jax.tree_util.tree_leaves(hw), jnp.float64)
         dth = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), dth, hth)
-        nonfinite = jnp.zeros((), bool)
-        for a in dw_new:
-            nonfinite |= _any_bits(~jnp.isfinite(a)) == 1
         fault = fault.record(under, _faults.BUFFER_UNDERFLOW, t)
-        fault = fault.record(nonfinite, _faults.NONFINITE_COTANGENT, t)
-        dlr_t = [_sum_to(a, s) for a, s in zip(d_alpha, lr_shapes)]
-        dmom_t = [_sum_to(a, s) for a, s in zip(d_gamma, mom_shapes)]
-        dlr_c = tuple(None if c is None else a + d.astype(a.dtype)
-                      for c, a, d in zip(lr.constant, dlr_c, dlr_t))
-        dmom_c = tuple(None if c is None else a + d.astype(a.dtype)
-                       for c, a, d in zip(momentum.constant, dmom_c, dmom_t))
+        # every weight's dw enters sum(dw v) (inf * 0 is nan), so the sums already made for
+        # the lr adjoint tell whether the VJP of step t + 1 left dw non-finite
+        fault = fault.record(~jnp.isfinite(jnp.sum(sums)), _faults.NONFINITE_COTANGENT, t + 1)
+        dlr_t = [_reduce_to(lay, prods[0], sums, 0, i, s) for i, s in enumerate(lr_shapes)]
+        dmom_t = [_reduce_to(lay, prods[1], sums, 1, i, s) for i, s in enumerate(mom_shapes)]
+        dlr_c = tuple(None if c_ is None else a + d.astype(a.dtype)
+                      for c_, a, d in zip(lr.constant, dlr_c, dlr_t))
+        dmom_c = tuple(None if c_ is None else a + d.astype(a.dtype)
+                       for c_, a, d in zip(momentum.constant, dmom_c, dmom_t))
         ys = (tuple(None if s is None else d.astype(s.dtype) for s, d in zip(lr.stepwise, dlr_t)),
               tuple(None if s is None else d.astype(s.dtype) for s, d in zip(momentum.stepwise, dmom_t)))
-        return (W_prev, V_prev, bufs_new, dw_new, dv_new, dth, dlr_c, dmom_c, fault), ys
+        return (W, V, x, tuple(m_new), tuple(head_new), dw, dv, dth, dlr_c, dmom_c, fault), ys
 
-    stacks = [b.stack for b in fw.buffers]
-    init = (fw.W, fw.V, [(b.x, b.m, b.head) for b in fw.buffers],
-            [jnp.asarray(c, jnp.float64) for c in ct_w],
-            [jnp.zeros(jnp.shape(c), jnp.float64) for c in ct_w], zeros(theta_f),
+    # the reverse pass only reads the stacks: they stay loop constants, not carry
+    stacks = fw.stacks
+    ones = _ones(fp.to_float(fw.W0, k))
+    ct = lay.pack([jnp.asarray(c, jnp.float64) for c in ct_w])
+    init = (fw.W, fw.V, fw.x, fw.m, fw.head, ct, jnp.zeros_like(ct), zeros(theta_f),
             zeros(lr.constant), zeros(momentum.constant), _faults.Fault.none())
     carry, (dlr_s, dmom_s) = jax.lax.scan(step, init, _xs(problem, lr, fw.coding), reverse=True)
-    W, V, bufs, dw, dv, dth, dlr_c, dmom_c, fault = carry
-    bufs = [_buffer.Buffer(x, m, h, stack) for (x, m, h), stack in zip(bufs, stacks)]
-    exact = jnp.bool_(True)
-    for a, b in zip(W, fw.W0):
-        exact &= jnp.all(a == b)
-    for a, b in zip(V, fw.V0):
-        exact &= jnp.all(a == b)
-    for b in bufs:
-        exact &= _buffer.is_empty(b)
-    fault = fault.record(~exact, _faults.REVERSAL_DRIFT, 0)
-    return Backward(dw, dv, dth, _schedules.Schedule(dlr_c, dlr_s),
-                    _schedules.Schedule(dmom_c, dmom_s), W, V, bufs, fault)
+    W, V, x, m, head, dw, dv, dth, dlr_c, dmom_c, fault = carry
+    bw = Backward(lay.unpack(dw), lay.unpack(dv), dth, _schedules.Schedule(dlr_c, dlr_s),
+                  _schedules.Schedule(dmom_c, dmom_s), W, V, x, m, head, fault)
+    fault = fault.record(~jnp.all(jnp.isfinite(dw)), _faults.NONFINITE_COTANGENT, 0)
+    exact = jnp.all(W == fw.W0) & jnp.all(V == fw.V0) & bw.buffer_empty()
+    return bw._replace(fault=fault.record(~exact, _faults.REVERSAL_DRIFT, 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,8 +422,11 @@ class Reversible:
         info = dict(frac_bits=self.frac_bits, capacity=max(capacity),
                     min_momentum=self.min_momentum if self.min_momentum is not None else "its values")
 
+        lay = Layout.of(problem.shapes)
+
         def final(fw):
-            return [fp.to_float(W, self.frac_bits).astype(dt) for W, dt in zip(fw.W, problem.dtypes)]
+            return [w.astype(dt) for w, dt in
+                    zip(lay.unpack(fp.to_float(fw.W, self.frac_bits)), problem.dtypes)]
 
         @jax.custom_vjp
         def run(w0, v0, theta_f, theta_o, lr, momentum):

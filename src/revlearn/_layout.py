@@ -1,0 +1,124 @@
+"""One flat array for all params leaves: the shape the reversible state lives in.
+
+The fixed-point state (W, V, the buffer's x, the adjoints dw, dv) is one array
+of shape [nblocks, BLOCK]: leaf i occupies the rows [row0_i, row0_i + nb_i), in
+C order, padded to whole rows with zeros. Every elementwise stage of a step is
+then one XLA kernel for the whole model, not one per leaf (on CPU a kernel
+costs a few microseconds however small its leaf, and a model has many small
+leaves: biases, norms).
+
+    pack:    leaves [*S_i] -> [nblocks, BLOCK]   (concatenate, pad)
+    unpack:  [nblocks, BLOCK] -> leaves [*S_i]   (slice, reshape)
+    spread:  per-leaf entries [*B_i] (B_i broadcastable to S_i) -> an array that
+             broadcasts against [nblocks, BLOCK]: [nblocks, 1] when every entry
+             is a single value (a gather from an [L] table), else the packed
+             broadcast (padding repeats the leaf's last value).
+    sums:    [..., nblocks, BLOCK] -> per-leaf sums [..., L]: a row reduction
+             then a segment sum over the rows.
+
+Padding elements take part in every stage with zero weight and velocity; the
+gradient never sees them (`unpack` drops them) and they reverse exactly like
+real weights, so the state's bit-for-bit check covers them too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK = 64
+
+
+class Layout(NamedTuple):
+    """Static placement of the leaves of shapes `shapes` in [nblocks, BLOCK]."""
+
+    shapes: tuple
+    rows: tuple            # nb_i, rows of leaf i
+    row0: tuple            # first row of leaf i
+    nblocks: int
+
+    @classmethod
+    def of(cls, shapes) -> "Layout":
+        shapes = tuple(tuple(s) for s in shapes)
+        rows = tuple(max(1, -(-math.prod(s) // BLOCK)) for s in shapes)
+        row0 = tuple(int(r) for r in np.cumsum((0,) + rows[:-1]))
+        return cls(shapes, rows, row0, int(sum(rows)))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def shape(self) -> tuple:
+        return (self.nblocks, BLOCK)
+
+    @property
+    def row_leaf(self) -> np.ndarray:
+        """Leaf index of each row [nblocks] (int32)."""
+        return np.repeat(np.arange(len(self.shapes), dtype=np.int32), self.rows)
+
+    def _rows_of(self, leaf: jax.Array, i: int, pad: str) -> jax.Array:
+        flat = jnp.ravel(leaf)
+        extra = self.rows[i] * BLOCK - flat.size
+        if extra:
+            flat = jnp.pad(flat, (0, extra), mode=pad)
+        return flat.reshape(self.rows[i], BLOCK)
+
+    def pack_leaf(self, leaf: jax.Array, i: int, pad: str = "constant") -> jax.Array:
+        """Leaf i [*S_i] -> its rows [nb_i, BLOCK]."""
+        return self._rows_of(leaf, i, pad)
+
+    def pack(self, leaves, dtype=None, pad: str = "constant") -> jax.Array:
+        """Leaves [*S_i] -> [nblocks, BLOCK] (in `dtype` if given); padding zeros ("constant")
+        or the leaf's last value ("edge")."""
+        parts = [self._rows_of(l if dtype is None else jnp.asarray(l).astype(dtype), i, pad)
+                 for i, l in enumerate(leaves)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+    def leaf(self, flat: jax.Array, i: int) -> jax.Array:
+        """Leaf i of a packed array (the rows' leading dims kept: [..., *S_i])."""
+        lead = flat.shape[:-2]
+        rows = jax.lax.slice_in_dim(flat, self.row0[i], self.row0[i] + self.rows[i], axis=-2)
+        size = math.prod(self.shapes[i])
+        return rows.reshape(lead + (-1,))[..., :size].reshape(lead + self.shapes[i])
+
+    def rows_of(self, flat: jax.Array, i: int) -> jax.Array:
+        """Leaf i's rows of a packed array, padding included [..., nb_i, BLOCK]."""
+        return jax.lax.slice_in_dim(flat, self.row0[i], self.row0[i] + self.rows[i], axis=-2)
+
+    def unpack(self, flat: jax.Array) -> list:
+        return [self.leaf(flat, i) for i in range(len(self.shapes))]
+
+    def spread(self, entries, dtype=None) -> jax.Array:
+        """Per-leaf entries [*B_i] -> broadcastable to [nblocks, BLOCK] (see module doc)."""
+        entries = [jnp.asarray(e) if dtype is None else jnp.asarray(e).astype(dtype) for e in entries]
+        # an empty leaf's entry has no value to pad its row with: borrow another leaf's
+        donor = next((e.ravel()[0] for e in entries if e.size), None)
+        if donor is not None:
+            entries = [e if e.size else donor for e in entries]
+        if all(e.size == 1 for e in entries):
+            table = jnp.stack([e.reshape(()) for e in entries])
+            return table[self.row_leaf][:, None]
+        parts = [self._rows_of(jnp.broadcast_to(e, s), i, "edge") if math.prod(s)
+                 else jnp.broadcast_to(e.ravel()[:1], (r, BLOCK))
+                 for i, (e, s, r) in enumerate(zip(entries, self.shapes, self.rows))]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+    def join(self, parts) -> jax.Array:
+        """Per-leaf parts, each one value (shape ()) or the leaf's rows [nb_i, BLOCK] ->
+        broadcastable to [nblocks, BLOCK]."""
+        if all(jnp.ndim(p) == 0 for p in parts):
+            return jnp.stack(parts)[self.row_leaf][:, None]
+        parts = [jnp.broadcast_to(p, (r, BLOCK)) for p, r in zip(parts, self.rows)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+    def sums(self, flat: jax.Array) -> jax.Array:
+        """Per-leaf sums of a packed array: [..., nblocks, BLOCK] -> [..., L]."""
+        per_row = jnp.moveaxis(jnp.sum(flat, axis=-1), -1, 0)
+        out = jax.ops.segment_sum(per_row, self.row_leaf, num_segments=len(self.shapes),
+                                  indices_are_sorted=True)
+        return jnp.moveaxis(out, 0, -1)

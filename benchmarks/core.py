@@ -15,6 +15,7 @@ Usage:
     python benchmarks/core.py              # T in 100, 1000, 10000 + the large run
     python benchmarks/core.py --quick      # T in 100, 1000, no large run
     python benchmarks/core.py --steps 100 300 --no-large
+    python benchmarks/core.py --steps 1000 10000 --no-cells --no-large --xla-memory   # XLA buffer plans only
 """
 
 from __future__ import annotations
@@ -126,12 +127,15 @@ def child(spec: dict) -> None:
     out["ratio"] = out["hyper_s"] / out["plain_s"]
 
     if name == "reversible" and spec.get("profile", True):
+        # Where the time goes. Every part runs T steps; all are timed in the same rounds as
+        # plain training and the hypergradient (interleaved, one run each per round), so the
+        # machine's load drifts equally into all of them.
         import revlearn
         from revlearn import _buffer
+        from revlearn._problem import linearized_gradient, merge, split_inexact
+        from revlearn._sgd import prepare
+
         fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + buffer)
-        block(fwd(*args))
-        out["rev_forward_s"] = median_time(lambda: fwd(*args), reps, block)[0]
-        out["rev_reverse_s"] = out["hyper_s"] - out["rev_forward_s"]
 
         # buffer ops alone: T steps of V <- V*gamma on every params leaf (one momentum per leaf)
         shapes = [np.shape(l) for l in jax.tree_util.tree_leaves(P.params0)]
@@ -149,31 +153,58 @@ def child(spec: dict) -> None:
 
         rng = np.random.default_rng(0)
         V0 = [jnp.asarray(rng.integers(-2**50, 2**50, s), jnp.int64) for s in shapes]
-        block(buf_only(V0))
-        out["buffer_mul_only_s"] = median_time(lambda: buf_only(V0), reps, block)[0]
 
-        @jax.jit
-        def grads_only(p0, l2):                            # T gradient evaluations, nothing else
+        # the autodiff work of the two passes with everything else trivial: the weights move
+        # a little every step (so nothing is loop-invariant), inline or isolated in a
+        # lax.cond as Reversible runs it (`isolate_gradient=True`)
+        def autodiff(p0, l2, isolate, vjp):
+            p = prepare(P.loss_fn, p0, {"l2": l2}, lr=LR, momentum=MOMENTUM, steps=T)
+            thf, tho = split_inexact(p.theta)
+
+            def lin(w, t):
+                if isolate:
+                    return linearized_gradient(p.problem, w, thf, tho, t)
+                return jax.vjp(lambda w, th: p.problem.gradient(w, merge(th, tho), t), w, thf)
+
             def step(c, t):
-                g = jax.grad(P.loss_fn)(p0, {"l2": l2}, t)
-                return jax.tree_util.tree_map(jnp.add, c, g), None
-            c, _ = jax.lax.scan(step, jax.tree_util.tree_map(jnp.zeros_like, p0), jnp.arange(T, dtype=jnp.int32))
-            return c
+                w, dw, dth = c
+                if vjp:
+                    (g, _), f = lin(w, t)
+                    hw, hth = f((dw, jnp.zeros(())))
+                    dw = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 1e-3 * b, dw, hw)
+                    dth = jax.tree_util.tree_map(jnp.add, dth, hth)
+                elif isolate:
+                    (g, _), _ = lin(w, t)
+                else:
+                    g, _ = p.problem.gradient(w, p.theta, t)
+                return (jax.tree_util.tree_map(lambda a, b: a - 1e-12 * b, w, g), dw, dth), None
 
-        block(grads_only(args[0], args[3]))
-        out["grads_only_s"] = median_time(lambda: grads_only(args[0], args[3]), reps, block)[0]
+            init = (p.params0, jax.tree_util.tree_map(jnp.ones_like, p.params0),
+                    jax.tree_util.tree_map(jnp.zeros_like, thf))
+            return jax.lax.scan(step, init, jnp.arange(T, dtype=jnp.int32))[0]
 
-        @jax.jit
-        def hvps_only(p0, l2):                             # T (gradient + VJP of the gradient), as in reverse
-            def step(c, t):
-                g, vjp = jax.vjp(lambda p, l: jax.grad(P.loss_fn)(p, {"l2": l}, t), p0, l2)
-                hw, hl = vjp(c)
-                return jax.tree_util.tree_map(lambda a, b: a + 1e-3 * b, c, hw), None
-            c, _ = jax.lax.scan(step, jax.tree_util.tree_map(jnp.ones_like, p0), jnp.arange(T, dtype=jnp.int32))
-            return c
-
-        block(hvps_only(args[0], args[3]))
-        out["hvps_only_s"] = median_time(lambda: hvps_only(args[0], args[3]), reps, block)[0]
+        parts = {"rev_forward_s": (fwd, args), "buffer_mul_only_s": (buf_only, (V0,))}
+        for key, iso, vjp in (("grads_only_s", False, False), ("hvps_only_s", False, True),
+                              ("iso_grads_only_s", True, False), ("iso_hvps_only_s", True, True)):
+            parts[key] = (jax.jit(lambda p0, l2, iso=iso, vjp=vjp: autodiff(p0, l2, iso, vjp)),
+                          (args[0], args[3]))
+        for f, a in parts.values():
+            block(f(*a))
+        rounds = {k: [] for k in ["plain_s", "hyper_s", *parts]}
+        for _ in range(reps):
+            rounds["plain_s"].append(median_time(lambda: plain(*args), 1, block)[0])
+            rounds["hyper_s"].append(median_time(lambda: hg(*args), 1, block)[0])
+            for k, (f, a) in parts.items():
+                rounds[k].append(median_time(lambda: f(*a), 1, block)[0])
+        prof = {k: float(np.median(v)) for k, v in rounds.items()}
+        out["profile"] = prof
+        out["rev_forward_s"] = prof["rev_forward_s"]
+        out["rev_reverse_s"] = prof["hyper_s"] - prof["rev_forward_s"]
+        for k in parts:
+            if k != "rev_forward_s":
+                out[k] = prof[k]
+        out["floor_ratio"] = (prof["iso_grads_only_s"] + prof["iso_hvps_only_s"]) / prof["plain_s"]
+        out["inline_floor_ratio"] = (prof["grads_only_s"] + prof["hvps_only_s"]) / prof["plain_s"]
 
         bu_fn = getattr(revlearn, "buffer_usage", None)
         if bu_fn is not None:
@@ -206,6 +237,7 @@ def main(argv=None):
     ap.add_argument("--large-steps", type=int, default=LARGE_T, help="steps of the large run")
     ap.add_argument("--mem-limit-gib", type=float, default=20.0,
                     help="skip a cell whose estimated peak RSS exceeds this")
+    ap.add_argument("--no-cells", action="store_true", help="skip the timed cells (e.g. with --xla-memory)")
     ap.add_argument("--xla-memory", action="store_true",
                     help="also report XLA's buffer plan (temp bytes) of each hypergradient program")
     ap.add_argument("--name", help="results file stem (default core, or core_quick with --quick)")
@@ -225,7 +257,7 @@ def main(argv=None):
     base_mib = base.get("peak_rss_mib", float("nan"))
     cells = []
     measured_unrolled = None
-    for T in sorted(steps):
+    for T in ([] if a.no_cells else sorted(steps)):
         for m in METHODS:
             spec = {"kind": "cell", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": a.reps}
             if m == "unrolled" and measured_unrolled is not None:
@@ -311,13 +343,27 @@ def render(info, base, cells, large_r, xla=()) -> str:
                      f"{b['capacity_words']} | {b['max_words_used']} |")
         elif b:
             L.append(f"| {c['T']} | {b.get('error')} | | | | |")
-    L += ["", "Where Reversible's time goes (same child, medians, seconds):", "",
-          "| T | plain training | Rev. forward only | Rev. reverse (total - forward) | buffer V*gamma only (T steps) | T gradients only | T gradient+VJP (the reverse's autodiff work) | Rev. hypergradient |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    L += ["", "Where Reversible's time goes (seconds for T steps; one more round of runs in the same "
+          "child, every part timed once per round beside plain training and the hypergradient; "
+          "medians):", "",
+          "| T | plain training | Rev. hypergradient | Rev. forward only | Rev. reverse (hypergradient - forward) "
+          "| buffer V*gamma only | gradients | gradient+VJP | gradients, isolated | gradient+VJP, isolated "
+          "| floor, inline | floor, isolated | Rev. hypergradient / plain |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
-        if c["method"] == "reversible" and "rev_forward_s" in c:
-            L.append(f"| {c['T']} | {c['plain_s']:.3f} | {c['rev_forward_s']:.3f} | {c['rev_reverse_s']:.3f} | "
-                     f"{c['buffer_mul_only_s']:.3f} | {c['grads_only_s']:.3f} | {fmt(c.get('hvps_only_s'), '.3f')} | {c['hyper_s']:.3f} |")
+        pr = c.get("profile") if c["method"] == "reversible" else None
+        if pr:
+            L.append(f"| {c['T']} | {pr['plain_s']:.3f} | {pr['hyper_s']:.3f} | {pr['rev_forward_s']:.3f} | "
+                     f"{pr['hyper_s'] - pr['rev_forward_s']:.3f} | {pr['buffer_mul_only_s']:.3f} | "
+                     f"{pr['grads_only_s']:.3f} | {pr['hvps_only_s']:.3f} | {pr['iso_grads_only_s']:.3f} | "
+                     f"{pr['iso_hvps_only_s']:.3f} | {c['inline_floor_ratio']:.2f}x | {c['floor_ratio']:.2f}x | "
+                     f"{pr['hyper_s'] / pr['plain_s']:.2f}x |")
+    L += ["", "The autodiff parts run T steps of the loss gradient (and of the gradient plus the VJP "
+          "of the gradient, the reverse pass's autodiff work) with a trivial update, inline or "
+          "\"isolated\" as Reversible runs them (`isolate_gradient=True`: the gradient and its "
+          "VJP's residuals inside a `lax.cond`). floor = (gradients + gradient+VJP) / plain "
+          "training: what the hypergradient would cost if the fixed-point and buffer work were "
+          "free."]
     if xla:
         L += ["", "XLA buffer plan of the compiled hypergradient (`compiled.memory_analysis()`, MiB):", "",
               "| T | method | temp buffers | arguments + outputs |", "|---:|---|---:|---:|"]

@@ -372,8 +372,9 @@ class Reversible:
         both passes inline the plain gradient and its VJP. Drift is always
         detected and raised, never returned.
 
-    Memory: W, V and the buffer's x (24 bytes per weight) plus 2 bytes per
-    16-bit word, sum_t log2(1/gamma_t) / 16 words per weight.
+    Memory: W, V, the buffer's x and the loops' array of ones (32 bytes per
+    weight, each leaf padded to whole rows of 64) plus 2 bytes per 16-bit
+    word, sum_t log2(1/gamma_t) / 16 words per weight.
     """
 
     frac_bits: int = 52

@@ -61,60 +61,61 @@ class Layout(NamedTuple):
         """Leaf index of each row [nblocks] (int32)."""
         return np.repeat(np.arange(len(self.shapes), dtype=np.int32), self.rows)
 
-    def _rows_of(self, leaf: jax.Array, i: int, pad: str) -> jax.Array:
+    def pack_leaf(self, leaf: jax.Array, i: int, pad: str = "constant") -> jax.Array:
+        """Leaf i [*S_i] -> its rows [nb_i, BLOCK], padded with zeros ("constant") or the
+        leaf's last value ("edge")."""
         flat = jnp.ravel(leaf)
         extra = self.rows[i] * BLOCK - flat.size
         if extra:
             flat = jnp.pad(flat, (0, extra), mode=pad)
         return flat.reshape(self.rows[i], BLOCK)
 
-    def pack_leaf(self, leaf: jax.Array, i: int, pad: str = "constant") -> jax.Array:
-        """Leaf i [*S_i] -> its rows [nb_i, BLOCK]."""
-        return self._rows_of(leaf, i, pad)
-
     def pack(self, leaves, dtype=None, pad: str = "constant") -> jax.Array:
         """Leaves [*S_i] -> [nblocks, BLOCK] (in `dtype` if given); padding zeros ("constant")
         or the leaf's last value ("edge")."""
-        parts = [self._rows_of(l if dtype is None else jnp.asarray(l).astype(dtype), i, pad)
+        parts = [self.pack_leaf(l if dtype is None else jnp.asarray(l).astype(dtype), i, pad)
                  for i, l in enumerate(leaves)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-
-    def leaf(self, flat: jax.Array, i: int) -> jax.Array:
-        """Leaf i of a packed array (the rows' leading dims kept: [..., *S_i])."""
-        lead = flat.shape[:-2]
-        rows = jax.lax.slice_in_dim(flat, self.row0[i], self.row0[i] + self.rows[i], axis=-2)
-        size = math.prod(self.shapes[i])
-        return rows.reshape(lead + (-1,))[..., :size].reshape(lead + self.shapes[i])
 
     def rows_of(self, flat: jax.Array, i: int) -> jax.Array:
         """Leaf i's rows of a packed array, padding included [..., nb_i, BLOCK]."""
         return jax.lax.slice_in_dim(flat, self.row0[i], self.row0[i] + self.rows[i], axis=-2)
 
+    def leaf(self, flat: jax.Array, i: int) -> jax.Array:
+        """Leaf i of a packed array (the rows' leading dims kept: [..., *S_i])."""
+        lead = flat.shape[:-2]
+        size = math.prod(self.shapes[i])
+        return self.rows_of(flat, i).reshape(lead + (-1,))[..., :size].reshape(lead + self.shapes[i])
+
     def unpack(self, flat: jax.Array) -> list:
         return [self.leaf(flat, i) for i in range(len(self.shapes))]
 
-    def spread(self, entries, dtype=None) -> jax.Array:
-        """Per-leaf entries [*B_i] -> broadcastable to [nblocks, BLOCK] (see module doc)."""
-        entries = [jnp.asarray(e) if dtype is None else jnp.asarray(e).astype(dtype) for e in entries]
-        # an empty leaf's entry has no value to pad its row with: borrow another leaf's
-        donor = next((e.ravel()[0] for e in entries if e.size), None)
-        if donor is not None:
-            entries = [e if e.size else donor for e in entries]
-        if all(e.size == 1 for e in entries):
-            table = jnp.stack([e.reshape(()) for e in entries])
-            return table[self.row_leaf][:, None]
-        parts = [self._rows_of(jnp.broadcast_to(e, s), i, "edge") if math.prod(s)
-                 else jnp.broadcast_to(e.ravel()[:1], (r, BLOCK))
-                 for i, (e, s, r) in enumerate(zip(entries, self.shapes, self.rows))]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+    def entry_rows(self, entry, i: int) -> jax.Array:
+        """Leaf i's entry [*B_i] as one value (shape ()) when it is a single value, else
+        broadcast over the leaf's rows [nb_i, BLOCK] (padding repeats the last value)."""
+        entry = jnp.asarray(entry)
+        if entry.size == 1:
+            return entry.reshape(())
+        return self.pack_leaf(jnp.broadcast_to(entry, self.shapes[i]), i, pad="edge")
 
     def join(self, parts) -> jax.Array:
         """Per-leaf parts, each one value (shape ()) or the leaf's rows [nb_i, BLOCK] ->
-        broadcastable to [nblocks, BLOCK]."""
+        broadcastable to [nblocks, BLOCK]: [nblocks, 1] (a gather from an [L] table) when
+        every part is one value."""
         if all(jnp.ndim(p) == 0 for p in parts):
             return jnp.stack(parts)[self.row_leaf][:, None]
         parts = [jnp.broadcast_to(p, (r, BLOCK)) for p, r in zip(parts, self.rows)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+    def spread(self, entries, dtype=None) -> jax.Array:
+        """Per-leaf entries [*B_i] (B_i broadcastable to S_i) -> broadcastable to
+        [nblocks, BLOCK]: `join` of their `entry_rows`."""
+        entries = [jnp.asarray(e) if dtype is None else jnp.asarray(e).astype(dtype) for e in entries]
+        # an empty leaf's entry has no value to fill its row with: borrow another leaf's
+        donor = next((e.ravel()[0] for e in entries if e.size), None)
+        if donor is not None:
+            entries = [e if e.size else donor for e in entries]
+        return self.join([self.entry_rows(e, i) for i, e in enumerate(entries)])
 
     def sums(self, flat: jax.Array) -> jax.Array:
         """Per-leaf sums of a packed array: [..., nblocks, BLOCK] -> [..., L]."""

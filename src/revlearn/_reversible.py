@@ -184,15 +184,6 @@ def _entry_shapes(schedule: _schedules.Schedule) -> list:
             for c, s in zip(schedule.constant, schedule.stepwise)]
 
 
-def _entry_rows(lay: Layout, i: int, e: jax.Array) -> jax.Array:
-    """Leaf i's momentum-entry value as the buffer keeps it: one value (shape ()) when the
-    entry is a single value, else per weight on the leaf's rows [nb_i, BLOCK]."""
-    e = jnp.asarray(e)
-    if e.size == 1:
-        return e.reshape(())
-    return lay.pack_leaf(jnp.broadcast_to(e, lay.shapes[i]), i, pad="edge")
-
-
 def _spread_coding(lay: Layout, codes: list) -> _buffer.Coding:
     return _buffer.Coding(*(lay.spread([getattr(c, f) for c in codes])
                             for f in _buffer.Coding._fields))
@@ -203,7 +194,7 @@ def empty_buffer(lay: Layout, momentum: _schedules.Schedule, capacity: tuple):
     x = jnp.full(lay.shape, _buffer.X0, jnp.int64)
     m, head, stacks = [], [], []
     for i, (entry, cap) in enumerate(zip(_entry_shapes(momentum), capacity)):
-        shape = () if math.prod(entry) == 1 else (lay.rows[i], BLOCK)
+        shape = jnp.shape(lay.entry_rows(np.zeros(entry), i))    # the same choice as the steps'
         m.append(jnp.full(shape, _buffer.M0, jnp.int64))
         head.append(jnp.zeros(shape, jnp.int32))
         stacks.append(jnp.zeros((cap + 1, lay.rows[i], BLOCK), jnp.uint16))
@@ -239,7 +230,7 @@ def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v
         g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
         spill_l, m_new = [], []
         for i, (mi, c) in enumerate(zip(m, codes)):
-            spill_i, mi = _buffer.advance(mi, _entry_rows(lay, i, c.inc))
+            spill_i, mi = _buffer.advance(mi, lay.entry_rows(c.inc, i))
             spill_l.append(spill_i)
             m_new.append(mi)
         c = _spread_coding(lay, codes)
@@ -303,7 +294,7 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
         spill_l, m_new, head_new, words = [], [], [], []
         under = jnp.zeros((), bool)
         for i, (mi, h, c) in enumerate(zip(m, head, codes)):
-            spill_i, mi = _buffer.retreat(mi, _entry_rows(lay, i, c.inc))
+            spill_i, mi = _buffer.retreat(mi, lay.entry_rows(c.inc, i))
             word, h, e = _buffer.pop(stacks[i], h, spill_i)
             spill_l.append(spill_i)
             m_new.append(mi)

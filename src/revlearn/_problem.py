@@ -51,7 +51,8 @@ def linearized_gradient(problem: Problem, params, theta_f, theta_o, step):
     the same bits as in the forward pass. Inlined into each pass, XLA fuses it
     with different neighbours and may then round it differently (on CPU, e.g.
     contracting a*b + c into a fused multiply-add in one loop and not the
-    other: seen with Rosenbrock's function). Here the gradient *and* the
+    other: seen with Rosenbrock's function and the per-leaf state of an
+    earlier core). Here the gradient *and* the
     residuals its VJP (the Hessian-vector product) needs are computed inside
     a `lax.cond` whose two branches are this same function: XLA compiles a
     conditional's branches as separate computations and cannot fuse across

@@ -132,7 +132,7 @@ def child(spec: dict) -> None:
         # machine's load drifts equally into all of them.
         import revlearn
         from revlearn import _buffer
-        from revlearn._problem import linearized_gradient, merge, split_inexact
+        from revlearn._problem import isolated_gradient, merge, split_inexact
         from revlearn._sgd import prepare
 
         fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + buffer)
@@ -161,22 +161,21 @@ def child(spec: dict) -> None:
             p = prepare(P.loss_fn, p0, {"l2": l2}, lr=LR, momentum=MOMENTUM, steps=T)
             thf, tho = split_inexact(p.theta)
 
-            def lin(w, t):
-                if isolate:
-                    return linearized_gradient(p.problem, w, thf, tho, t)
-                return jax.vjp(lambda w, th: p.problem.gradient(w, merge(th, tho), t), w, thf)
-
             def step(c, t):
                 w, dw, dth = c
-                if vjp:
-                    (g, _), f = lin(w, t)
-                    hw, hth = f((dw, jnp.zeros(())))
-                    dw = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 1e-3 * b, dw, hw)
-                    dth = jax.tree_util.tree_map(jnp.add, dth, hth)
+                ct = (dw, jnp.zeros(()))
+                if vjp and isolate:
+                    (g, _), (hw, hth) = isolated_gradient(p.problem, w, thf, tho, t, ct)
+                elif vjp:
+                    (g, _), f = jax.vjp(lambda w, th: p.problem.gradient(w, merge(th, tho), t), w, thf)
+                    hw, hth = f(ct)
                 elif isolate:
-                    (g, _), _ = lin(w, t)
+                    g, _ = isolated_gradient(p.problem, w, thf, tho, t)[0]
                 else:
                     g, _ = p.problem.gradient(w, p.theta, t)
+                if vjp:
+                    dw = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 1e-3 * b, dw, hw)
+                    dth = jax.tree_util.tree_map(jnp.add, dth, hth)
                 return (jax.tree_util.tree_map(lambda a, b: a - 1e-12 * b, w, g), dw, dth), None
 
             init = (p.params0, jax.tree_util.tree_map(jnp.ones_like, p.params0),
@@ -360,8 +359,8 @@ def render(info, base, cells, large_r, xla=()) -> str:
                      f"{pr['hyper_s'] / pr['plain_s']:.2f}x |")
     L += ["", "The autodiff parts run T steps of the loss gradient (and of the gradient plus the VJP "
           "of the gradient, the reverse pass's autodiff work) with a trivial update, inline or "
-          "\"isolated\" as Reversible runs them (`isolate_gradient=True`: the gradient and its "
-          "VJP's residuals inside a `lax.cond`). floor = (gradients + gradient+VJP) / plain "
+          "\"isolated\" as Reversible runs them (`isolate_gradient=True`: the gradient, and in the "
+          "reverse pass its VJP applied to the cotangent, inside a `lax.cond`). floor = (gradients + gradient+VJP) / plain "
           "training: what the hypergradient would cost if the fixed-point and buffer work were "
           "free."]
     if xla:

@@ -44,40 +44,42 @@ class Problem(NamedTuple):
         return jax.grad(loss, has_aux=True)(params)
 
 
-def linearized_gradient(problem: Problem, params, theta_f, theta_o, step):
-    """((grad_w loss, path term), VJP of (params, theta_f) -> (grad, path)), isolated.
+def isolated_gradient(problem: Problem, params, theta_f, theta_o, step, cotangent=None):
+    """(grad_w loss, path term) at (params, theta, step), isolated; with `cotangent`
+    = (ct_grad [like params], ct_path []), also the VJP of (params, theta_f) ->
+    (grad, path) at it (the Hessian-vector product and its theta part).
 
     Exact reversal needs the gradient recomputed in the reverse pass to have
     the same bits as in the forward pass. Inlined into each pass, XLA fuses it
     with different neighbours and may then round it differently (on CPU, e.g.
     contracting a*b + c into a fused multiply-add in one loop and not the
     other: seen with Rosenbrock's function and the per-leaf state of an
-    earlier core). Here the gradient *and* the
-    residuals its VJP (the Hessian-vector product) needs are computed inside
-    a `lax.cond` whose two branches are this same function: XLA compiles a
-    conditional's branches as separate computations and cannot fuse across
-    them (`optimization_barrier` is no fence on CPU: it is removed before
-    fusion). The forward pass of `Reversible` calls this too and ignores the
-    residuals; XLA then drops those outputs from its branch, so the two
-    branches are not literally one computation, but neither fuses with its
-    surroundings, and the gradient's bits have agreed on every loss tested
-    (`tests/test_reversal.py`); a disagreement is detected and raised. Only
-    the VJP's backward half fuses freely. One gradient evaluation per reverse
-    step, not two. The predicate depends on `step` only, so under `vmap` the
-    conditional stays a conditional.
+    earlier core). Here it is computed inside a `lax.cond` whose two branches
+    are this same function: XLA compiles a conditional's branches as separate
+    computations and cannot fuse across them (`optimization_barrier` is no
+    fence on CPU: it is removed before fusion). The reverse pass applies the
+    VJP inside the same branch, so its residuals (activations, the minibatch)
+    never leave it. Returning them from the conditional and applying the VJP
+    outside made T steps of gradient+VJP alone cost 0.39-0.47x plain training
+    more on the benchmark MLP, but the whole hypergradient only 3% more on 2
+    cores (9% on 1; likely because XLA runs independent kernels side by side,
+    and outside the branch the VJP could overlap the fixed-point work). The
+    forward pass's branch computes the gradient alone, so the two
+    passes do not run literally one computation; the gradient's bits have
+    agreed on every loss tested (`tests/test_reversal.py`), and a disagreement
+    is detected and raised. One gradient evaluation per reverse step, not two.
+    The predicate depends on `step` only, so under `vmap` the conditional
+    stays a conditional.
     """
-    treedef = []
-
     def branch(operands):
-        params, theta_f, step = operands
-        out, vjp = jax.vjp(lambda p, th: problem.gradient(p, merge(th, theta_o), step),
-                           params, theta_f)
-        leaves, tdef = jax.tree_util.tree_flatten(vjp)
-        treedef[:] = [tdef]
-        return out, leaves
+        params, theta_f, step, ct = operands
+        f = lambda p, th: problem.gradient(p, merge(th, theta_o), step)
+        if ct is None:
+            return f(params, theta_f), None
+        out, vjp = jax.vjp(f, params, theta_f)
+        return out, vjp(ct)
 
-    out, leaves = jax.lax.cond(step >= 0, branch, branch, (params, theta_f, step))
-    return out, jax.tree_util.tree_unflatten(treedef[0], leaves)
+    return jax.lax.cond(step >= 0, branch, branch, (params, theta_f, step, cotangent))
 
 
 def split_inexact(tree):

@@ -46,7 +46,7 @@ import numpy as np
 
 from . import _buffer, _faults, _fixed_point as fp, _schedules
 from ._layout import BLOCK, Layout
-from ._problem import Problem, linearized_gradient, merge, split_inexact
+from ._problem import Problem, isolated_gradient, merge, split_inexact
 
 
 class Forward(NamedTuple):
@@ -219,7 +219,7 @@ def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v
 
     def grad_fn(params, t):
         if method.isolate_gradient:
-            return linearized_gradient(problem, params, theta_f, theta_o, t)[0]
+            return isolated_gradient(problem, params, theta_f, theta_o, t)[0]
         return problem.gradient(params, theta, t)
 
     def step(carry, xs):
@@ -286,31 +286,33 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
         alpha = lay.spread(_at_step(lr, lr_sl), jnp.float64)
         W = W - _dw(alpha, V)[0]
         params = _params(problem, lay, W, k)
+        dv = (dv + alpha * dw) / ones          # read by several kernels: computed once
+        c = _spread_coding(lay, codes)
+        gq = c.n.astype(jnp.float64) / 65536.0
+        ct = (problem.treedef.unflatten([c_.astype(dt) for c_, dt in
+                                         zip(lay.unpack(-(1.0 - gq) * dv), problem.dtypes)]),
+              jnp.asarray(ct_path, path_dtype))
         if method.isolate_gradient:
-            (g_tree, path_t), vjp = linearized_gradient(problem, params, theta_f, theta_o, t)
+            (g_tree, path_t), (hw, hth) = isolated_gradient(problem, params, theta_f, theta_o, t, ct)
         else:
             (g_tree, path_t), vjp = jax.vjp(grad_at(t), params, theta_f)
+            hw, hth = vjp(ct)
         g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
         spill_l, m_new, head_new, words = [], [], [], []
         under = jnp.zeros((), bool)
-        for i, (mi, h, c) in enumerate(zip(m, head, codes)):
-            spill_i, mi = _buffer.retreat(mi, lay.entry_rows(c.inc, i))
+        for i, (mi, h, c_) in enumerate(zip(m, head, codes)):
+            spill_i, mi = _buffer.retreat(mi, lay.entry_rows(c_.inc, i))
             word, h, e = _buffer.pop(stacks[i], h, spill_i)
             spill_l.append(spill_i)
             m_new.append(mi)
             head_new.append(h)
             words.append(word)
             under |= e
-        c = _spread_coding(lay, codes)
-        gq = c.n.astype(jnp.float64) / 65536.0
         V_next = V
         V, x = _buffer.decode(V + _dv(g, gq, k)[0], x, lay.join(spill_l), lay.join(words), c, ones)
-        dv = (dv + alpha * dw) / ones          # read by several kernels: computed once
         prods = jnp.stack([dw * fp.to_float(V_next, k), dv * (fp.to_float(V, k) + g)])
         sums = lay.sums(prods)
-        ct = [c_.astype(dt) for c_, dt in zip(lay.unpack(-(1.0 - gq) * dv), problem.dtypes)]
         dv = dv * gq
-        hw, hth = vjp((problem.treedef.unflatten(ct), jnp.asarray(ct_path, path_t.dtype)))
         dw = dw + lay.pack(jax.tree_util.tree_leaves(hw), jnp.float64)
         dth = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), dth, hth)
         fault = fault.record(under, _faults.BUFFER_UNDERFLOW, t)
@@ -327,6 +329,7 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
               tuple(None if s is None else d.astype(s.dtype) for s, d in zip(momentum.stepwise, dmom_t)))
         return (W, V, x, tuple(m_new), tuple(head_new), dw, dv, dth, dlr_c, dmom_c, fault), ys
 
+    path_dtype = jax.eval_shape(grad_at(jnp.int32(0)), _params(problem, lay, fw.W, k), theta_f)[1].dtype
     # the reverse pass only reads the stacks: they stay loop constants, not carry
     stacks = fw.stacks
     ones = _ones(fp.to_float(fw.W0, k))
@@ -355,9 +358,9 @@ class Reversible:
         array the size is derived from its values and this may be None.
       extra_words: slack 16-bit words per weight on top of the size the
         schedule needs (that size is exact, so 0 suffices).
-      isolate_gradient: compute grad_w L and the residuals of its VJP in both
-        passes as the same isolated computation (the branch of a `lax.cond`,
-        see `_problem.linearized_gradient`), so the compiler cannot fuse it
+      isolate_gradient: compute grad_w L (and, in the reverse pass, its VJP)
+        in both passes as an isolated computation (the branch of a `lax.cond`,
+        see `_problem.isolated_gradient`), so the compiler cannot fuse it
         with its neighbours differently backwards (e.g. contract a*b + c into
         an FMA in one pass only), which would break the reversal. With False
         both passes inline the plain gradient and its VJP. Drift is always

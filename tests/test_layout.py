@@ -19,10 +19,10 @@ def leaves(rng, dtype=np.float64):
 
 def test_rows_are_whole_blocks_in_leaf_order():
     lay = Layout.of(SHAPES)
-    assert lay.rows == (613, 1, 1, 1, 2, 1, 2)
-    assert lay.row0 == (0, 613, 614, 615, 616, 618, 619)
-    assert lay.shape == (621, BLOCK)
-    assert list(lay.row_leaf[[0, 612, 613, 614, 616, 617, 618, 619, 620]]) == [0, 0, 1, 2, 4, 4, 5, 6, 6]
+    assert lay.rows == (613, 1, 1, 0, 2, 1, 2)                  # the empty leaf has none
+    assert lay.row0 == (0, 613, 614, 615, 615, 617, 618)
+    assert lay.shape == (620, BLOCK)
+    assert list(lay.row_leaf[[0, 612, 613, 614, 615, 616, 617, 618, 619]]) == [0, 0, 1, 2, 4, 4, 5, 6, 6]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -61,8 +61,12 @@ def test_spread_per_weight_entries_broadcasts_and_pads_with_the_edge():
         assert bool(jnp.all(leaf == jnp.broadcast_to(e, s)))
     last = lay.rows_of(out, 6).reshape(-1)
     assert bool(jnp.all(last[65:] == entries[6][-1]))          # edge padding
-    # the empty leaf's row holds a value borrowed from another leaf (valid, e.g. as momentum)
-    assert bool(jnp.all(lay.rows_of(out, 3) == entries[0][0, 0]))
+    assert lay.rows_of(out, 3).shape == (0, BLOCK)
+    # scalar entries, an empty leaf's per-weight one among them, stay a [nblocks, 1] gather
+    scalars = [jnp.float64(i) if r else jnp.zeros((3, 0, 2)) for i, r in enumerate(lay.rows)]
+    out = lay.spread(scalars)
+    assert out.shape == (lay.nblocks, 1)
+    assert list(np.asarray(out[:, 0])) == list(lay.row_leaf.astype(np.float64))
 
 
 def test_sums_are_per_leaf_sums():

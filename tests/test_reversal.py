@@ -34,6 +34,37 @@ def test_reversal_exact_with_per_weight_momentum_and_lr():
     assert rc.passed, rc
 
 
+@pytest.mark.parametrize("entry", ["scalar", "per_weight", "per_weight_per_step"])
+def test_empty_leaf_reverses_and_gets_hypergradients(entry):
+    """A params leaf with no weights takes no rows of the packed state, whatever the shape
+    of its momentum and lr entries (per-weight entries used to fail when sizing the buffer)."""
+    steps = 6
+    p0 = {"a": jnp.linspace(-1.0, 1.0, 5), "e": jnp.zeros((0, 3))}
+
+    def loss(p, h, t):
+        return jnp.sum((p["a"] - h) ** 2) + jnp.sum(p["e"] ** 2)
+
+    shape = {"scalar": lambda s: (), "per_weight": lambda s: s,
+             "per_weight_per_step": lambda s: (steps,) + s}[entry]
+    mom = {k: jnp.full(shape(v.shape), 0.9) for k, v in p0.items()}
+    lr = {k: jnp.full(shape(v.shape), 0.1) for k, v in p0.items()}
+    rc = revlearn.check_reversal(loss, p0, jnp.asarray(0.3), lr=lr, momentum=mom, steps=steps)
+    assert rc.passed, rc
+    use = revlearn.buffer_usage(loss, p0, jnp.asarray(0.3), lr=lr, momentum=mom, steps=steps)
+    assert abs(use.bits_per_weight_per_step / use.ideal_bits_per_weight_per_step - 1) < 0.02, use
+
+    def f(h, lr, mom, method):
+        return jnp.sum(revlearn.sgd(loss, p0, h, lr=lr, momentum=mom, steps=steps, method=method)["a"] ** 2)
+
+    got = jax.jit(jax.grad(lambda *a: f(*a, revlearn.Reversible(min_momentum=0.5)), argnums=(0, 1, 2)))(
+        jnp.asarray(0.3), lr, mom)
+    want = jax.grad(lambda *a: f(*a, revlearn.Unrolled()), argnums=(0, 1, 2))(jnp.asarray(0.3), lr, mom)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert g.shape == w.shape
+        assert jnp.allclose(g, w, rtol=1e-9, atol=1e-12), (g, w)
+    assert float(jnp.abs(got[0])) > 0
+
+
 def test_drift_is_detected_and_raises(monkeypatch):
     """If the state handed to the reverse pass is off by one unit in the last place (as a
     non-deterministic gradient would make it), jax.grad raises instead of returning."""

@@ -107,7 +107,7 @@ def buffer_usage(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
             bits = _buffer.bits_reserved(head, m)
             total += (bits * lay.sizes[i] if bits.ndim == 0
                       else jnp.sum(bits.reshape(-1)[:lay.sizes[i]]))
-        words = jnp.max(jnp.stack([jnp.max(h) for h in fw.head]))
+        words = jnp.max(jnp.stack([jnp.max(h, initial=0) for h in fw.head]))   # a leaf may be empty
         return total / sum(p.problem.sizes), words
 
     bits, words = run(_leaves(p.params0), _leaves(p.v0), p.theta, p.lr, p.momentum)
@@ -115,6 +115,8 @@ def buffer_usage(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
     # schedule entry uniformly, so each leaf's mean equals the mean of its spec.
     total, count = 0.0, 0
     for c, s, size in zip(p.momentum.constant, p.momentum.stepwise, p.problem.sizes):
+        if size == 0:
+            continue
         a = np.asarray(c if c is not None else s, np.float64)
         n = np.clip(np.round(a * 65536), _buffer.MIN_NUMERATOR, 65535)
         total += size * float(np.mean(np.log2(65536 / n)))

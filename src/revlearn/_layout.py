@@ -2,7 +2,8 @@
 
 The fixed-point state (W, V, the buffer's x, the adjoints dw, dv) is one array
 of shape [nblocks, BLOCK]: leaf i occupies the rows [row0_i, row0_i + nb_i), in
-C order, padded to whole rows with zeros. Every elementwise stage of a step is
+C order, padded to whole rows with zeros (a leaf with no weights has no rows,
+so whatever its schedule entries, nothing of it enters a step). Every elementwise stage of a step is
 then one XLA kernel for the whole model, not one per leaf (on CPU a kernel
 costs a few microseconds however small its leaf, and a model has many small
 leaves: biases, norms).
@@ -44,7 +45,7 @@ class Layout(NamedTuple):
     @classmethod
     def of(cls, shapes) -> "Layout":
         shapes = tuple(tuple(s) for s in shapes)
-        rows = tuple(max(1, -(-math.prod(s) // BLOCK)) for s in shapes)
+        rows = tuple(-(-math.prod(s) // BLOCK) for s in shapes)     # an empty leaf has none
         row0 = tuple(int(r) for r in np.cumsum((0,) + rows[:-1]))
         return cls(shapes, rows, row0, int(sum(rows)))
 
@@ -101,9 +102,11 @@ class Layout(NamedTuple):
     def join(self, parts) -> jax.Array:
         """Per-leaf parts, each one value (shape ()) or the leaf's rows [nb_i, BLOCK] ->
         broadcastable to [nblocks, BLOCK]: [nblocks, 1] (a gather from an [L] table) when
-        every part is one value."""
-        if all(jnp.ndim(p) == 0 for p in parts):
-            return jnp.stack(parts)[self.row_leaf][:, None]
+        every part of a leaf with rows is one value."""
+        if all(jnp.ndim(p) == 0 or r == 0 for p, r in zip(parts, self.rows)):
+            dtype = jnp.result_type(*parts)
+            table = [p if jnp.ndim(p) == 0 else jnp.zeros((), dtype) for p in parts]
+            return jnp.stack(table).astype(dtype)[self.row_leaf][:, None]
         parts = [jnp.broadcast_to(p, (r, BLOCK)) for p, r in zip(parts, self.rows)]
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
@@ -111,10 +114,6 @@ class Layout(NamedTuple):
         """Per-leaf entries [*B_i] (B_i broadcastable to S_i) -> broadcastable to
         [nblocks, BLOCK]: `join` of their `entry_rows`."""
         entries = [jnp.asarray(e) if dtype is None else jnp.asarray(e).astype(dtype) for e in entries]
-        # an empty leaf's entry has no value to fill its row with: borrow another leaf's
-        donor = next((e.ravel()[0] for e in entries if e.size), None)
-        if donor is not None:
-            entries = [e if e.size else donor for e in entries]
         return self.join([self.entry_rows(e, i) for i, e in enumerate(entries)])
 
     def sums(self, flat: jax.Array) -> jax.Array:

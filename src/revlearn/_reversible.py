@@ -402,10 +402,10 @@ class Reversible:
         for c, s in zip(momentum.constant, momentum.stepwise):
             if c is not None:
                 inc = _buffer.increments_np(np.round(np.asarray(c, np.float64) * 65536))
-                total = steps * int(np.max(inc))
+                total = steps * int(np.max(inc, initial=0))       # an empty leaf needs none
             else:
                 inc = _buffer.increments_np(np.round(np.asarray(s, np.float64) * 65536))
-                total = int(np.sum(inc.reshape(steps, -1).max(axis=1)))
+                total = int(np.sum(inc.reshape(steps, -1).max(axis=1, initial=0)))
             out.append(_buffer.capacity_words(total) + self.extra_words)
         return tuple(out)
 

@@ -83,10 +83,15 @@ class Backward(NamedTuple):
 
     def buffer_empty(self) -> jax.Array:
         """True iff the buffer is back at its initial state (every word popped, x and m restored)."""
-        out = jnp.all(self.x == _buffer.X0)
-        for m, h in zip(self.m, self.head):
-            out &= jnp.all(m == _buffer.M0) & jnp.all(h == 0)
-        return out
+        return _buffer_at_start(self.x, self.m, self.head)
+
+
+def _buffer_at_start(x: jax.Array, m: tuple, head: tuple) -> jax.Array:
+    """`_buffer.is_empty` for the packed x and the per-leaf bounds and heads."""
+    out = jnp.all(x == _buffer.X0)
+    for m_i, h in zip(m, head):
+        out &= jnp.all(m_i == _buffer.M0) & jnp.all(h == 0)
+    return out
 
 
 def require_x64(where: str) -> None:
@@ -338,11 +343,11 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
             zeros(lr.constant), zeros(momentum.constant), _faults.Fault.none())
     carry, (dlr_s, dmom_s) = jax.lax.scan(step, init, _xs(problem, lr, fw.coding), reverse=True)
     W, V, x, m, head, dw, dv, dth, dlr_c, dmom_c, fault = carry
-    bw = Backward(lay.unpack(dw), lay.unpack(dv), dth, _schedules.Schedule(dlr_c, dlr_s),
-                  _schedules.Schedule(dmom_c, dmom_s), W, V, x, m, head, fault)
     fault = fault.record(~jnp.all(jnp.isfinite(dw)), _faults.NONFINITE_COTANGENT, 0)
-    exact = jnp.all(W == fw.W0) & jnp.all(V == fw.V0) & bw.buffer_empty()
-    return bw._replace(fault=fault.record(~exact, _faults.REVERSAL_DRIFT, 0))
+    exact = jnp.all(W == fw.W0) & jnp.all(V == fw.V0) & _buffer_at_start(x, m, head)
+    fault = fault.record(~exact, _faults.REVERSAL_DRIFT, 0)
+    return Backward(lay.unpack(dw), lay.unpack(dv), dth, _schedules.Schedule(dlr_c, dlr_s),
+                    _schedules.Schedule(dmom_c, dmom_s), W, V, x, m, head, fault)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,28 @@ def test_empty_leaf_reverses_and_gets_hypergradients(entry):
     assert float(jnp.abs(got[0])) > 0
 
 
+@pytest.mark.parametrize("vjp_in_branch", [True, False])
+def test_both_placements_of_the_vjp_reverse_exactly_and_agree(vjp_in_branch):
+    """The VJP inside the isolated branch (the CPU default) or beside it (the default on
+    accelerators, where the branch is then the forward pass's computation exactly): both
+    recover the start bit-for-bit and give the Unrolled hypergradient."""
+    loss_fn, meta_fn, params0, hypers = make("mlp")
+    steps = 20
+    lr, mom = layer_schedules(params0, steps, lr=0.2)
+    method = revlearn.Reversible(min_momentum=0.5, vjp_in_branch=vjp_in_branch)
+    rc = revlearn.check_reversal(loss_fn, params0, hypers, lr=lr, momentum=mom, steps=steps,
+                                 method=method)
+    assert rc.passed, rc
+
+    def f(p, lr, m):
+        return meta_fn(revlearn.sgd(loss_fn, p, hypers, lr=lr, momentum=mom, steps=steps, method=m))
+
+    got = jax.jit(jax.grad(lambda p, lr: f(p, lr, method), argnums=(0, 1)))(params0, lr)
+    want = jax.jit(jax.grad(lambda p, lr: f(p, lr, revlearn.Unrolled()), argnums=(0, 1)))(params0, lr)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert float(jnp.max(jnp.abs(g - w))) <= 1e-7 * float(jnp.max(jnp.abs(w))) + 1e-15
+
+
 def test_drift_is_detected_and_raises(monkeypatch):
     """If the state handed to the reverse pass is off by one unit in the last place (as a
     non-deterministic gradient would make it), jax.grad raises instead of returning."""

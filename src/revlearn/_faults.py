@@ -84,12 +84,15 @@ def _message(code: int, step: int, where: str, info: dict) -> str:
         REVERSAL_DRIFT: (
             f"{where}: the reversal did not recover the initial weights, velocity "
             "and buffer bit-for-bit, so the hypergradient would be wrong. The "
-            "gradient recomputed backwards differed from the forward one: either "
-            "loss_fn is not a pure function of (params, hypers, step) (randomness not "
-            "derived from `step`, non-deterministic GPU ops such as scatter-add), or the "
+            "gradient recomputed backwards differed from the forward one. Causes and "
+            "fixes: loss_fn is not a pure function of (params, hypers, step) (derive "
+            "any randomness from `step`); on GPU, non-deterministic kernels (a float32 "
+            "convnet's gradient drifted on an H200 until run with "
+            "XLA_FLAGS=--xla_gpu_deterministic_ops=true; scatter-add too); or the "
             "compiler rounded the gradient differently in the two passes (use "
-            "Reversible(isolate_gradient=True), the default). Make loss_fn pure, or use "
-            "revlearn.Checkpointed() or revlearn.Unrolled(), which do not reverse."),
+            "Reversible(isolate_gradient=True, vjp_in_branch=False), which makes the "
+            "backward gradient the forward pass's own computation; the default off CPU). "
+            "Else use revlearn.Checkpointed() or revlearn.Unrolled(), which do not reverse."),
         BUFFER_UNDERFLOW: (
             f"{where}: the information buffer ran empty at step {step}: the reversal "
             "is out of step with the forward pass (non-deterministic loss_fn?)."),

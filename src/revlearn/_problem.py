@@ -57,17 +57,22 @@ def isolated_gradient(problem: Problem, params, theta_f, theta_o, step, cotangen
     earlier core). Here it is computed inside a `lax.cond` whose two branches
     are this same function: XLA compiles a conditional's branches as separate
     computations and cannot fuse across them (`optimization_barrier` is no
-    fence on CPU: it is removed before fusion). The reverse pass applies the
-    VJP inside the same branch, so its residuals (activations, the minibatch)
-    never leave it. Returning them from the conditional and applying the VJP
-    outside made T steps of gradient+VJP alone cost 0.39-0.47x plain training
-    more on the benchmark MLP, but the whole hypergradient only 3% more on 2
-    cores (9% on 1; likely because XLA runs independent kernels side by side,
-    and outside the branch the VJP could overlap the fixed-point work). The
-    forward pass's branch computes the gradient alone, so the two
-    passes do not run literally one computation; the gradient's bits have
-    agreed on every loss tested (`tests/test_reversal.py`), and a disagreement
-    is detected and raised. One gradient evaluation per reverse step, not two.
+    fence on CPU: it is removed before fusion).
+
+    With `cotangent` (`Reversible(vjp_in_branch=True)`, the CPU default) the
+    reverse pass applies the VJP inside the branch, so its residuals
+    (activations, the minibatch) never leave it: one gradient evaluation per
+    reverse step. Returning them from the conditional and applying the VJP
+    outside made T steps of gradient+VJP cost 0.39-0.47x plain training more
+    on the benchmark MLP, the whole hypergradient 3% more on 2 cores (9% on 1).
+    The forward pass's branch then computes the gradient alone, so the two
+    passes do not run one computation: their bits agreed on every CPU test,
+    but not on an H200 GPU (also with deterministic ops: presumably XLA fuses
+    the gradient with its VJP there). Without
+    `cotangent` (`vjp_in_branch=False`, the default off CPU) both passes run
+    this branch identically, and the reverse pass computes the VJP beside it
+    at the cost of one more evaluation of the loss and its gradient. Any
+    disagreement is detected and raised.
     The predicate depends on `step` only, so under `vmap` the conditional
     stays a conditional.
     """

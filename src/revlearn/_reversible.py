@@ -297,8 +297,12 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
         ct = (problem.treedef.unflatten([c_.astype(dt) for c_, dt in
                                          zip(lay.unpack(-(1.0 - gq) * dv), problem.dtypes)]),
               jnp.asarray(ct_path, path_dtype))
-        if method.isolate_gradient:
+        if method.isolate_gradient and method._vjp_in_branch():
             (g_tree, path_t), (hw, hth) = isolated_gradient(problem, params, theta_f, theta_o, t, ct)
+        elif method.isolate_gradient:
+            # the forward pass's computation exactly; the VJP recomputes the loss beside it
+            g_tree, path_t = isolated_gradient(problem, params, theta_f, theta_o, t)[0]
+            hw, hth = jax.vjp(grad_at(t), params, theta_f)[1](ct)
         else:
             (g_tree, path_t), vjp = jax.vjp(grad_at(t), params, theta_f)
             hw, hth = vjp(ct)
@@ -363,13 +367,26 @@ class Reversible:
         array the size is derived from its values and this may be None.
       extra_words: slack 16-bit words per weight on top of the size the
         schedule needs (that size is exact, so 0 suffices).
-      isolate_gradient: compute grad_w L (and, in the reverse pass, its VJP)
-        in both passes as an isolated computation (the branch of a `lax.cond`,
-        see `_problem.isolated_gradient`), so the compiler cannot fuse it
+      isolate_gradient: compute grad_w L in both passes as an isolated
+        computation (the branch of a `lax.cond`, see
+        `_problem.isolated_gradient`), so the compiler cannot fuse it
         with its neighbours differently backwards (e.g. contract a*b + c into
         an FMA in one pass only), which would break the reversal. With False
         both passes inline the plain gradient and its VJP. Drift is always
         detected and raised, never returned.
+      vjp_in_branch: with `isolate_gradient`, apply the gradient's VJP (the
+        Hessian-vector product) inside the reverse pass's isolated branch
+        (True), or beside it (False: the branch is then the forward pass's
+        computation exactly, and the VJP recomputes the loss's forward and
+        backward pass, one more gradient's work per step). None (default):
+        True on CPU, False on GPU and other accelerators. On CPU both reverse
+        exactly on every test and True is cheaper. On an H200 GPU the gradient
+        compiled beside its VJP rounded differently from the forward pass's
+        (the tests' tanh MLP drifted in every run, also with deterministic
+        ops, and the 987,210-weight benchmark net at T = 10^4); with False
+        both were exact. Convolutions there also need
+        XLA_FLAGS=--xla_gpu_deterministic_ops=true (see
+        `benchmarks/results/exactness_gpu.md`).
 
     Memory: W, V, the buffer's x and the loops' array of ones (32 bytes per
     weight, each leaf padded to whole rows of 64) plus 2 bytes per 16-bit
@@ -380,6 +397,7 @@ class Reversible:
     min_momentum: float | None = None
     extra_words: int = 0
     isolate_gradient: bool = True
+    vjp_in_branch: bool | None = None
 
     def __post_init__(self):
         if not isinstance(self.frac_bits, int) or not 8 <= self.frac_bits <= 60:
@@ -389,6 +407,12 @@ class Reversible:
             raise ValueError(f"Reversible(min_momentum={self.min_momentum!r}): must lie in (0, 1).")
         if not isinstance(self.extra_words, int) or self.extra_words < 0:
             raise ValueError(f"Reversible(extra_words={self.extra_words!r}): must be an integer >= 0.")
+
+    def _vjp_in_branch(self) -> bool:
+        """Whether the reverse pass applies the VJP inside the isolated branch (see the field)."""
+        if self.vjp_in_branch is not None:
+            return bool(self.vjp_in_branch)
+        return jax.default_backend() == "cpu"
 
     def capacity(self, momentum: _schedules.Schedule, steps: int) -> tuple:
         """Static stack rows (16-bit words per weight), one number per params leaf."""

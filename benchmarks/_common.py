@@ -115,6 +115,15 @@ def machine_info() -> dict:
         info["loadavg_at_start"] = os.getloadavg()
     except OSError:
         pass
+    try:
+        import jax
+        d = jax.devices()[0]
+        info["jax_device"] = f"{jax.default_backend()}: {d.device_kind} x{len(jax.devices())}"
+        stats = d.memory_stats() or {}
+        if "bytes_limit" in stats:
+            info["jax_device_gib"] = round(stats["bytes_limit"] / 2**30, 1)
+    except Exception as e:  # noqa: BLE001 - report whatever went wrong
+        info["jax_device"] = f"unknown: {type(e).__name__}"
     from importlib import metadata
     for mod in ("jax", "jaxlib", "numpy", "torch", "torchopt", "higher", "revlearn", "matplotlib"):
         try:

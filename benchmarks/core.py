@@ -123,6 +123,9 @@ def child(spec: dict) -> None:
         ph.append(median_time(lambda: plain(*args), 1, block)[0])
         hh.append(median_time(lambda: hg(*args), 1, block)[0])
     out["plain_s"], out["hyper_s"] = float(np.median(ph)), float(np.median(hh))
+    stats = jax.devices()[0].memory_stats()                # accelerators only; None on CPU
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
     out["plain_all_s"], out["hyper_all_s"] = ph, hh
     out["ratio"] = out["hyper_s"] / out["plain_s"]
 
@@ -306,7 +309,8 @@ def render(info, base, cells, large_r, xla=()) -> str:
     L = [f"# revlearn core benchmark ({info['date']})", "",
          f"Machine: {info.get('cpu', '?')}, {info['cores']} cores, {info.get('ram_gib', '?')} GiB RAM; "
          f"load average at start {info.get('loadavg_at_start')}; "
-         f"python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, revlearn {info['revlearn']}. "
+         f"python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, revlearn {info['revlearn']}; "
+         f"JAX device {info.get('jax_device', '?')}. "
          "The cores are shared with other work, so timings carry noise.", "",
          f"Problem: {'-'.join(map(str, SIZES))} tanh MLP ({num_weights(SIZES):,} weights), float64, batch {BATCH}, "
          f"momentum {MOMENTUM}, per-layer per-step lr {LR}, per-weight L2 {L2}; hypergradient = "
@@ -322,7 +326,8 @@ def render(info, base, cells, large_r, xla=()) -> str:
             L.append(f"| {c['T']} | {c['method']} | - | - | - | - | - | {c.get('skipped') or c.get('error')} |")
             continue
         L.append(f"| {c['T']} | {c['method']} | {c['hyper_s']:.3f} | {c['plain_s']:.3f} | {c['ratio']:.2f} | "
-                 f"{c['peak_rss_mib']:.0f} | {c['peak_rss_mib'] - c['rss_after_setup_mib']:.0f} | |")
+                 f"{c['peak_rss_mib']:.0f} | {c['peak_rss_mib'] - c['rss_after_setup_mib']:.0f} | "
+                 + (f"device peak {c['device_peak_mib']:,.0f} MiB |" if "device_peak_mib" in c else "|"))
     L += ["", "Memory ratio Unrolled / Reversible (peak RSS; and peak minus the child's RSS after setup):", ""]
     for T in sorted({c["T"] for c in cells}):
         r = next((c for c in cells if c["T"] == T and c["method"] == "reversible" and "peak_rss_mib" in c), None)
@@ -380,7 +385,9 @@ def render(info, base, cells, large_r, xla=()) -> str:
                      f"finite: {large_r['finite']}.")
         L.append(f"Unrolled at this size would need at least {large_r['unrolled_lower_bound_gib']:.0f} GiB "
                  "(w and v, 8 bytes each, per weight per step; residuals of the gradient come on top), "
-                 "so it cannot run in 24 GiB; not attempted.")
+                 f"against {info.get('ram_gib', '?')} GiB of RAM"
+                 + (f" and {info['jax_device_gib']} GiB of device memory" if info.get("jax_device_gib") else "")
+                 + " here; not attempted.")
     return "\n".join(L) + "\n"
 
 

@@ -91,6 +91,10 @@ def test_bad_method_params_loss_and_options():
         revlearn.Reversible(frac_bits=70)
     with pytest.raises(ValueError, match=r"min_momentum=1.5"):
         revlearn.Reversible(min_momentum=1.5)
+    with pytest.raises(ValueError, match=r"vjp_in_branch='gpu'\): must be True, False or None"):
+        revlearn.Reversible(vjp_in_branch="gpu")
+    with pytest.raises(ValueError, match=r"isolate_gradient=1\): must be True or False"):
+        revlearn.Reversible(isolate_gradient=1)
 
 
 @pytest.mark.parametrize("method", [revlearn.Reversible(), revlearn.Unrolled(), revlearn.Checkpointed()])

@@ -87,6 +87,17 @@ def test_both_placements_of_the_vjp_reverse_exactly_and_agree(vjp_in_branch):
         assert float(jnp.max(jnp.abs(g - w))) <= 1e-7 * float(jnp.max(jnp.abs(w))) + 1e-15
 
 
+def test_vjp_placement_default_follows_the_backend(monkeypatch):
+    """None means in the branch on CPU only: off CPU the branch must be the forward pass's."""
+    assert revlearn.Reversible()._vjp_in_branch() is (jax.default_backend() == "cpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert revlearn.Reversible()._vjp_in_branch() is False
+    assert revlearn.Reversible(vjp_in_branch=True)._vjp_in_branch() is True
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert revlearn.Reversible()._vjp_in_branch() is True
+    assert revlearn.Reversible(vjp_in_branch=False)._vjp_in_branch() is False
+
+
 def test_drift_is_detected_and_raises(monkeypatch):
     """If the state handed to the reverse pass is off by one unit in the last place (as a
     non-deterministic gradient would make it), jax.grad raises instead of returning."""

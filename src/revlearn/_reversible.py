@@ -407,6 +407,12 @@ class Reversible:
             raise ValueError(f"Reversible(min_momentum={self.min_momentum!r}): must lie in (0, 1).")
         if not isinstance(self.extra_words, int) or self.extra_words < 0:
             raise ValueError(f"Reversible(extra_words={self.extra_words!r}): must be an integer >= 0.")
+        if not isinstance(self.isolate_gradient, bool):
+            raise ValueError(f"Reversible(isolate_gradient={self.isolate_gradient!r}): must be True "
+                             "or False.")
+        if self.vjp_in_branch is not None and not isinstance(self.vjp_in_branch, bool):
+            raise ValueError(f"Reversible(vjp_in_branch={self.vjp_in_branch!r}): must be True, "
+                             "False or None (None: True on CPU, False on accelerators).")
 
     def _vjp_in_branch(self) -> bool:
         """Whether the reverse pass applies the VJP inside the isolated branch (see the field)."""

@@ -318,56 +318,58 @@ def render(info, base, cells, large_r, xla=()) -> str:
          "jit of `revlearn.sgd(..., method=Unrolled())` without grad. Times are medians of "
          "interleaved runs after a warm-up run (compilation excluded).", "",
          f"Baseline RSS (child that imports JAX and builds the data): "
-         f"{fmt(base.get('peak_rss_mib'), '.0f')} MiB.", "",
-         "| T | method | hypergradient (s) | plain training (s) | ratio | peak RSS (MiB) | peak - setup RSS (MiB) | note |",
-         "|---:|---|---:|---:|---:|---:|---:|---|"]
-    for c in cells:
-        if "skipped" in c or "error" in c:
-            L.append(f"| {c['T']} | {c['method']} | - | - | - | - | - | {c.get('skipped') or c.get('error')} |")
-            continue
-        L.append(f"| {c['T']} | {c['method']} | {c['hyper_s']:.3f} | {c['plain_s']:.3f} | {c['ratio']:.2f} | "
-                 f"{c['peak_rss_mib']:.0f} | {c['peak_rss_mib'] - c['rss_after_setup_mib']:.0f} | "
-                 + (f"device peak {c['device_peak_mib']:,.0f} MiB |" if "device_peak_mib" in c else "|"))
-    L += ["", "Memory ratio Unrolled / Reversible (peak RSS; and peak minus the child's RSS after setup):", ""]
-    for T in sorted({c["T"] for c in cells}):
-        r = next((c for c in cells if c["T"] == T and c["method"] == "reversible" and "peak_rss_mib" in c), None)
-        u = next((c for c in cells if c["T"] == T and c["method"] == "unrolled"), None)
-        if r and u and "peak_rss_mib" in u:
-            L.append(f"- T={T}: {u['peak_rss_mib'] / r['peak_rss_mib']:.1f}x total, "
-                     f"{(u['peak_rss_mib'] - u['rss_after_setup_mib']) / max(r['peak_rss_mib'] - r['rss_after_setup_mib'], 1):.1f}x above setup")
-        elif r and u:
-            L.append(f"- T={T}: Unrolled not run ({u.get('skipped') or u.get('error')})")
-    L += ["", "Buffer size (Reversible forward pass, `revlearn.buffer_usage`):", "",
-          "| T | bits / weight / step | minimum mean_t log2(1/gamma_t) | ratio | capacity words | max words used |",
-          "|---:|---:|---:|---:|---:|---:|"]
-    for c in cells:
-        b = c.get("buffer")
-        if b and "ratio" in b:
-            L.append(f"| {c['T']} | {b['bits_per_weight_per_step']:.5f} | {b['ideal']:.5f} | {b['ratio']:.4f} | "
-                     f"{b['capacity_words']} | {b['max_words_used']} |")
-        elif b:
-            L.append(f"| {c['T']} | {b.get('error')} | | | | |")
-    L += ["", "Where Reversible's time goes (seconds for T steps; one more round of runs in the same "
-          "child, every part timed once per round beside plain training and the hypergradient; "
-          "medians):", "",
-          "| T | plain training | Rev. hypergradient | Rev. forward only | Rev. reverse (hypergradient - forward) "
-          "| buffer V*gamma only | gradients | gradient+VJP | gradients, isolated | gradient+VJP, isolated "
-          "| floor, inline | floor, isolated | Rev. hypergradient / plain |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in cells:
-        pr = c.get("profile") if c["method"] == "reversible" else None
-        if pr:
-            L.append(f"| {c['T']} | {pr['plain_s']:.3f} | {pr['hyper_s']:.3f} | {pr['rev_forward_s']:.3f} | "
-                     f"{pr['hyper_s'] - pr['rev_forward_s']:.3f} | {pr['buffer_mul_only_s']:.3f} | "
-                     f"{pr['grads_only_s']:.3f} | {pr['hvps_only_s']:.3f} | {pr['iso_grads_only_s']:.3f} | "
-                     f"{pr['iso_hvps_only_s']:.3f} | {c['inline_floor_ratio']:.2f}x | {c['floor_ratio']:.2f}x | "
-                     f"{pr['hyper_s'] / pr['plain_s']:.2f}x |")
-    L += ["", "The autodiff parts run T steps of the loss gradient (and of the gradient plus the VJP "
-          "of the gradient, the reverse pass's autodiff work) with a trivial update, inline or "
-          "\"isolated\" as Reversible runs them (`isolate_gradient=True`: the gradient, and in the "
-          "reverse pass its VJP applied to the cotangent, inside a `lax.cond`). floor = (gradients + gradient+VJP) / plain "
-          "training: what the hypergradient would cost if the fixed-point and buffer work were "
-          "free."]
+         f"{fmt(base.get('peak_rss_mib'), '.0f')} MiB."]
+    if cells:
+        L += ["", "| T | method | hypergradient (s) | plain training (s) | ratio | peak RSS (MiB) "
+              "| peak - setup RSS (MiB) | note |",
+              "|---:|---|---:|---:|---:|---:|---:|---|"]
+        for c in cells:
+            if "skipped" in c or "error" in c:
+                L.append(f"| {c['T']} | {c['method']} | - | - | - | - | - | {c.get('skipped') or c.get('error')} |")
+                continue
+            L.append(f"| {c['T']} | {c['method']} | {c['hyper_s']:.3f} | {c['plain_s']:.3f} | {c['ratio']:.2f} | "
+                     f"{c['peak_rss_mib']:.0f} | {c['peak_rss_mib'] - c['rss_after_setup_mib']:.0f} | "
+                     + (f"device peak {c['device_peak_mib']:,.0f} MiB |" if "device_peak_mib" in c else "|"))
+        L += ["", "Memory ratio Unrolled / Reversible (peak RSS; and peak minus the child's RSS after setup):", ""]
+        for T in sorted({c["T"] for c in cells}):
+            r = next((c for c in cells if c["T"] == T and c["method"] == "reversible" and "peak_rss_mib" in c), None)
+            u = next((c for c in cells if c["T"] == T and c["method"] == "unrolled"), None)
+            if r and u and "peak_rss_mib" in u:
+                L.append(f"- T={T}: {u['peak_rss_mib'] / r['peak_rss_mib']:.1f}x total, "
+                         f"{(u['peak_rss_mib'] - u['rss_after_setup_mib']) / max(r['peak_rss_mib'] - r['rss_after_setup_mib'], 1):.1f}x above setup")
+            elif r and u:
+                L.append(f"- T={T}: Unrolled not run ({u.get('skipped') or u.get('error')})")
+        L += ["", "Buffer size (Reversible forward pass, `revlearn.buffer_usage`):", "",
+              "| T | bits / weight / step | minimum mean_t log2(1/gamma_t) | ratio | capacity words | max words used |",
+              "|---:|---:|---:|---:|---:|---:|"]
+        for c in cells:
+            b = c.get("buffer")
+            if b and "ratio" in b:
+                L.append(f"| {c['T']} | {b['bits_per_weight_per_step']:.5f} | {b['ideal']:.5f} | {b['ratio']:.4f} | "
+                         f"{b['capacity_words']} | {b['max_words_used']} |")
+            elif b:
+                L.append(f"| {c['T']} | {b.get('error')} | | | | |")
+        L += ["", "Where Reversible's time goes (seconds for T steps; one more round of runs in the same "
+              "child, every part timed once per round beside plain training and the hypergradient; "
+              "medians):", "",
+              "| T | plain training | Rev. hypergradient | Rev. forward only | Rev. reverse (hypergradient - forward) "
+              "| buffer V*gamma only | gradients | gradient+VJP | gradients, isolated | gradient+VJP, isolated "
+              "| floor, inline | floor, isolated | Rev. hypergradient / plain |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for c in cells:
+            pr = c.get("profile") if c["method"] == "reversible" else None
+            if pr:
+                L.append(f"| {c['T']} | {pr['plain_s']:.3f} | {pr['hyper_s']:.3f} | {pr['rev_forward_s']:.3f} | "
+                         f"{pr['hyper_s'] - pr['rev_forward_s']:.3f} | {pr['buffer_mul_only_s']:.3f} | "
+                         f"{pr['grads_only_s']:.3f} | {pr['hvps_only_s']:.3f} | {pr['iso_grads_only_s']:.3f} | "
+                         f"{pr['iso_hvps_only_s']:.3f} | {c['inline_floor_ratio']:.2f}x | {c['floor_ratio']:.2f}x | "
+                         f"{pr['hyper_s'] / pr['plain_s']:.2f}x |")
+        L += ["", "The autodiff parts run T steps of the loss gradient (and of the gradient plus the VJP "
+              "of the gradient, the reverse pass's autodiff work) with a trivial update, inline or "
+              "\"isolated\" as Reversible runs them (`isolate_gradient=True`: the gradient, and in the "
+              "reverse pass its VJP applied to the cotangent, inside a `lax.cond`). floor = (gradients + gradient+VJP) / plain "
+              "training: what the hypergradient would cost if the fixed-point and buffer work were "
+              "free."]
     if xla:
         L += ["", "XLA buffer plan of the compiled hypergradient (`compiled.memory_analysis()`, MiB):", "",
               "| T | method | temp buffers | arguments + outputs |", "|---:|---|---:|---:|"]

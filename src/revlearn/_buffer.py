@@ -87,7 +87,15 @@ def empty(shape: tuple, entry_shape: tuple, capacity: int) -> Buffer:
 
 def is_empty(buf: Buffer) -> jax.Array:
     """True iff the buffer is back at its initial state (every word popped, x and m restored)."""
-    return jnp.all(buf.x == X0) & jnp.all(buf.m == M0) & jnp.all(buf.head == 0)
+    return at_start(buf.x, (buf.m,), (buf.head,))
+
+
+def at_start(x: jax.Array, ms, heads) -> jax.Array:
+    """`is_empty` for an x shared by several bounds and heads (the packed layout's leaves)."""
+    out = jnp.all(x == X0)
+    for m, head in zip(ms, heads):
+        out &= jnp.all(m == M0) & jnp.all(head == 0)
+    return out
 
 
 def bits_reserved(head: jax.Array, m: jax.Array) -> jax.Array:

@@ -23,11 +23,16 @@ def to_float(x: jax.Array, frac_bits: int) -> jax.Array:
     return x.astype(jnp.float64) * (2.0 ** -frac_bits)
 
 
+def round_checked(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """round(y) as int64 for float64 y already in fixed-point units, and elementwise
+    whether |y| < 2^62 (False where y is not finite; such entries give 0)."""
+    ok = jnp.abs(y) < INT_LIMIT
+    return jnp.round(jnp.where(ok, y, 0.0)).astype(jnp.int64), ok
+
+
 def quantize(x: jax.Array, frac_bits: int) -> tuple[jax.Array, jax.Array]:
     """Q(x) = round(x * 2^k) as int64 [P], and a flag: any |x| out of range or non-finite."""
-    y = jnp.asarray(x, jnp.float64) * (2.0 ** frac_bits)
-    ok = jnp.isfinite(y) & (jnp.abs(y) < INT_LIMIT)
-    q = jnp.round(jnp.where(ok, y, 0.0)).astype(jnp.int64)
+    q, ok = round_checked(jnp.asarray(x, jnp.float64) * (2.0 ** frac_bits))
     return q, ~jnp.all(ok)
 
 

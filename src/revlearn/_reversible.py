@@ -83,15 +83,7 @@ class Backward(NamedTuple):
 
     def buffer_empty(self) -> jax.Array:
         """True iff the buffer is back at its initial state (every word popped, x and m restored)."""
-        return _buffer_at_start(self.x, self.m, self.head)
-
-
-def _buffer_at_start(x: jax.Array, m: tuple, head: tuple) -> jax.Array:
-    """`_buffer.is_empty` for the packed x and the per-leaf bounds and heads."""
-    out = jnp.all(x == _buffer.X0)
-    for m_i, h in zip(m, head):
-        out &= jnp.all(m_i == _buffer.M0) & jnp.all(h == 0)
-    return out
+        return _buffer.at_start(self.x, self.m, self.head)
 
 
 def require_x64(where: str) -> None:
@@ -156,16 +148,12 @@ def _any_bits(*conds) -> jax.Array:
 
 def _dv(g, gq, k):
     """Q((1 - gamma) g) int64 and whether it is in range (g non-finite counts as out of range)."""
-    y = (1.0 - gq) * g.astype(jnp.float64) * (2.0 ** k)
-    ok = jnp.abs(y) < fp.INT_LIMIT
-    return jnp.round(jnp.where(ok, y, 0.0)).astype(jnp.int64), ok
+    return fp.round_checked((1.0 - gq) * g.astype(jnp.float64) * (2.0 ** k))
 
 
 def _dw(alpha, V):
     """round(alpha V) = Q(alpha v) int64 (V int64 fixed point; scaling by 2^+-k is exact)."""
-    y = alpha.astype(jnp.float64) * V.astype(jnp.float64)
-    ok = jnp.abs(y) < fp.INT_LIMIT
-    return jnp.round(jnp.where(ok, y, 0.0)).astype(jnp.int64), ok
+    return fp.round_checked(alpha.astype(jnp.float64) * V.astype(jnp.float64))
 
 
 def _ones(w: jax.Array) -> jax.Array:
@@ -348,7 +336,7 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
     carry, (dlr_s, dmom_s) = jax.lax.scan(step, init, _xs(problem, lr, fw.coding), reverse=True)
     W, V, x, m, head, dw, dv, dth, dlr_c, dmom_c, fault = carry
     fault = fault.record(~jnp.all(jnp.isfinite(dw)), _faults.NONFINITE_COTANGENT, 0)
-    exact = jnp.all(W == fw.W0) & jnp.all(V == fw.V0) & _buffer_at_start(x, m, head)
+    exact = jnp.all(W == fw.W0) & jnp.all(V == fw.V0) & _buffer.at_start(x, m, head)
     fault = fault.record(~exact, _faults.REVERSAL_DRIFT, 0)
     return Backward(lay.unpack(dw), lay.unpack(dv), dth, _schedules.Schedule(dlr_c, dlr_s),
                     _schedules.Schedule(dmom_c, dmom_s), W, V, x, m, head, fault)

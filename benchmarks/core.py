@@ -135,7 +135,8 @@ def child(spec: dict) -> None:
         # machine's load drifts equally into all of them.
         import revlearn
         from revlearn import _buffer
-        from revlearn._problem import isolated_gradient, merge, split_inexact
+        from revlearn._problem import split_inexact
+        from revlearn._reversible import gradient
         from revlearn._sgd import prepare
 
         fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + buffer)
@@ -158,25 +159,20 @@ def child(spec: dict) -> None:
         V0 = [jnp.asarray(rng.integers(-2**50, 2**50, s), jnp.int64) for s in shapes]
 
         # the autodiff work of the two passes with everything else trivial: the weights move
-        # a little every step (so nothing is loop-invariant), inline or isolated in a
-        # lax.cond as Reversible runs it (`isolate_gradient=True`)
+        # a little every step (so nothing is loop-invariant), computed exactly as Reversible
+        # computes it (`revlearn._reversible.gradient`): isolated with this backend's default
+        # placement of the VJP, or inline (`isolate_gradient=False`)
         def autodiff(p0, l2, isolate, vjp):
             p = prepare(P.loss_fn, p0, {"l2": l2}, lr=LR, momentum=MOMENTUM, steps=T)
             thf, tho = split_inexact(p.theta)
+            how = revlearn.Reversible(isolate_gradient=isolate)
 
             def step(c, t):
                 w, dw, dth = c
-                ct = (dw, jnp.zeros(()))
-                if vjp and isolate:
-                    (g, _), (hw, hth) = isolated_gradient(p.problem, w, thf, tho, t, ct)
-                elif vjp:
-                    (g, _), f = jax.vjp(lambda w, th: p.problem.gradient(w, merge(th, tho), t), w, thf)
-                    hw, hth = f(ct)
-                elif isolate:
-                    g, _ = isolated_gradient(p.problem, w, thf, tho, t)[0]
-                else:
-                    g, _ = p.problem.gradient(w, p.theta, t)
+                (g, _), vjp_out = gradient(how, p.problem, w, thf, tho, t,
+                                           (dw, jnp.zeros(())) if vjp else None)
                 if vjp:
+                    hw, hth = vjp_out
                     dw = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 1e-3 * b, dw, hw)
                     dth = jax.tree_util.tree_map(jnp.add, dth, hth)
                 return (jax.tree_util.tree_map(lambda a, b: a - 1e-12 * b, w, g), dw, dth), None
@@ -366,8 +362,9 @@ def render(info, base, cells, large_r, xla=()) -> str:
                          f"{pr['hyper_s'] / pr['plain_s']:.2f}x |")
         L += ["", "The autodiff parts run T steps of the loss gradient (and of the gradient plus the VJP "
               "of the gradient, the reverse pass's autodiff work) with a trivial update, inline or "
-              "\"isolated\" as Reversible runs them (`isolate_gradient=True`: the gradient, and in the "
-              "reverse pass its VJP applied to the cotangent, inside a `lax.cond`). floor = (gradients + gradient+VJP) / plain "
+              "\"isolated\" as Reversible runs them (`isolate_gradient=True`: the gradient inside a "
+              "`lax.cond`, the reverse pass's VJP inside it on CPU and beside it elsewhere). "
+              "floor = (gradients + gradient+VJP) / plain "
               "training: what the hypergradient would cost if the fixed-point and buffer work were "
               "free."]
     if xla:

@@ -64,7 +64,8 @@ def isolated_gradient(problem: Problem, params, theta_f, theta_o, step, cotangen
     (activations, the minibatch) never leave it: one gradient evaluation per
     reverse step. Returning them from the conditional and applying the VJP
     outside made T steps of gradient+VJP cost 0.39-0.47x plain training more
-    on the benchmark MLP, the whole hypergradient 3% more on 2 cores (9% on 1).
+    on the benchmark MLP; the whole hypergradient took 1.03x the time on 2
+    cores (1.10x on 1).
     The forward pass's branch then computes the gradient alone, so the two
     passes do not run one computation: their bits agreed on every CPU test,
     but not on an H200 GPU (also with deterministic ops: presumably XLA fuses

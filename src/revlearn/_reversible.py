@@ -163,6 +163,26 @@ def _ones(w: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(w), 1.0, 2.0)
 
 
+def gradient(method: "Reversible", problem: Problem, params, theta_f, theta_o, step, ct=None):
+    """((grad_w L, path term), VJP or None): the gradient at `step` as `method` computes it in
+    both passes, and given the cotangent `ct` = (ct_grad, ct_path) also the VJP of
+    (params, theta_f) -> (grad, path) at it, (d params, d theta_f), as the reverse pass does.
+
+    Isolated (`isolate_gradient`): the gradient inside `_problem.isolated_gradient`'s
+    branch, with the VJP in it (`vjp_in_branch`) or beside it, where it recomputes the
+    loss; else both inline."""
+    f = lambda p, th: problem.gradient(p, merge(th, theta_o), step)
+    if method.isolate_gradient and (ct is None or not method._vjp_in_branch()):
+        out = isolated_gradient(problem, params, theta_f, theta_o, step)[0]
+        return out, None if ct is None else jax.vjp(f, params, theta_f)[1](ct)
+    if method.isolate_gradient:
+        return isolated_gradient(problem, params, theta_f, theta_o, step, ct)
+    if ct is None:
+        return f(params, theta_f), None
+    out, vjp = jax.vjp(f, params, theta_f)
+    return out, vjp(ct)
+
+
 def _params(problem: Problem, lay: Layout, W: jax.Array, k: int):
     return problem.treedef.unflatten([l.astype(dt) for l, dt in
                                       zip(lay.unpack(fp.to_float(W, k)), problem.dtypes)])
@@ -210,16 +230,12 @@ def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v
     coding = _coding(momentum)
     theta_f, theta_o = split_inexact(theta)
 
-    def grad_fn(params, t):
-        if method.isolate_gradient:
-            return isolated_gradient(problem, params, theta_f, theta_o, t)[0]
-        return problem.gradient(params, theta, t)
-
     def step(carry, xs):
         W, V, x, m, head, stacks, path, fault = carry
         t, lr_sl, code_sl = xs
         codes = _at_step(coding, code_sl)
-        g_tree, path_t = grad_fn(_params(problem, lay, W, k), t)
+        (g_tree, path_t), _ = gradient(method, problem, _params(problem, lay, W, k), theta_f,
+                                       theta_o, t)
         g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
         spill_l, m_new = [], []
         for i, (mi, c) in enumerate(zip(m, codes)):
@@ -269,9 +285,6 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
     zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
     lr_shapes, mom_shapes = _entry_shapes(lr), _entry_shapes(momentum)
 
-    def grad_at(t):
-        return lambda p, thf: problem.gradient(p, merge(thf, theta_o), t)
-
     def step(carry, xs):
         W, V, x, m, head, dw, dv, dth, dlr_c, dmom_c, fault = carry
         t, lr_sl, code_sl = xs
@@ -285,15 +298,7 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
         ct = (problem.treedef.unflatten([c_.astype(dt) for c_, dt in
                                          zip(lay.unpack(-(1.0 - gq) * dv), problem.dtypes)]),
               jnp.asarray(ct_path, path_dtype))
-        if method.isolate_gradient and method._vjp_in_branch():
-            (g_tree, path_t), (hw, hth) = isolated_gradient(problem, params, theta_f, theta_o, t, ct)
-        elif method.isolate_gradient:
-            # the forward pass's computation exactly; the VJP recomputes the loss beside it
-            g_tree, path_t = isolated_gradient(problem, params, theta_f, theta_o, t)[0]
-            hw, hth = jax.vjp(grad_at(t), params, theta_f)[1](ct)
-        else:
-            (g_tree, path_t), vjp = jax.vjp(grad_at(t), params, theta_f)
-            hw, hth = vjp(ct)
+        (g_tree, path_t), (hw, hth) = gradient(method, problem, params, theta_f, theta_o, t, ct)
         g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
         spill_l, m_new, head_new, words = [], [], [], []
         under = jnp.zeros((), bool)
@@ -326,7 +331,8 @@ def backward(problem: Problem, method: "Reversible", fw: Forward, theta_f, theta
               tuple(None if s is None else d.astype(s.dtype) for s, d in zip(momentum.stepwise, dmom_t)))
         return (W, V, x, tuple(m_new), tuple(head_new), dw, dv, dth, dlr_c, dmom_c, fault), ys
 
-    path_dtype = jax.eval_shape(grad_at(jnp.int32(0)), _params(problem, lay, fw.W, k), theta_f)[1].dtype
+    path_dtype = jax.eval_shape(lambda p: problem.gradient(p, merge(theta_f, theta_o), jnp.int32(0)),
+                                _params(problem, lay, fw.W, k))[1].dtype
     # the reverse pass only reads the stacks: they stay loop constants, not carry
     stacks = fw.stacks
     ones = _ones(fp.to_float(fw.W0, k))

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _buffer, _faults, _fixed_point as fp, _schedules
+from . import _buffer, _determinism, _faults, _fixed_point as fp, _schedules
 from ._layout import BLOCK, Layout
 from ._problem import Problem, isolated_gradient, merge, split_inexact
 
@@ -443,6 +443,7 @@ class Reversible:
         capacity = self.capacity(momentum, problem.steps)
         theta_f, theta_o = split_inexact(theta)
         where = "revlearn.sgd(method=Reversible())"
+        _determinism.warn_if_nondeterministic(problem, params0, theta, where)
         info = dict(frac_bits=self.frac_bits, capacity=max(capacity),
                     min_momentum=self.min_momentum if self.min_momentum is not None else "its values")
 

@@ -63,7 +63,7 @@ def check_reversal(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=Non
 
     @jax.jit
     def roundtrip(w0, v0, theta_f, theta_o, lr, mom):
-        fw = _reversible.forward(p.problem, method, capacity, w0, v0, merge(theta_f, theta_o), lr, mom)
+        fw = _reversible.forward(p.problem, method, capacity, w0, v0, theta_f, theta_o, lr, mom)
         zero = [jnp.zeros(jnp.shape(w), jnp.float64) for w in w0]
         bw = _reversible.backward(p.problem, method, fw, theta_f, theta_o, lr, mom, zero, 0.0)
         err = jnp.max(jnp.abs(bw.W - fw.W0))
@@ -96,9 +96,11 @@ def buffer_usage(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
     method, p, capacity = _setup("buffer_usage", method, loss_fn, params0, hypers, lr, momentum,
                                  steps, v0)
 
+    theta_f, theta_o = split_inexact(p.theta)
+
     @jax.jit
-    def run(w0, v0, theta, lr, mom):
-        fw = _reversible.forward(p.problem, method, capacity, w0, v0, theta, lr, mom)
+    def run(w0, v0, theta_f, theta_o, lr, mom):
+        fw = _reversible.forward(p.problem, method, capacity, w0, v0, theta_f, theta_o, lr, mom)
         # bits reserved per weight: a leaf's m and head are one value for all its
         # weights or one per weight on its rows (padding excluded)
         lay = Layout.of(p.problem.shapes)
@@ -110,7 +112,7 @@ def buffer_usage(loss_fn, params0, hypers=None, *, lr, momentum, steps, v0=None,
         words = jnp.max(jnp.stack([jnp.max(h, initial=0) for h in fw.head]))   # a leaf may be empty
         return total / sum(p.problem.sizes), words
 
-    bits, words = run(_leaves(p.params0), _leaves(p.v0), p.theta, p.lr, p.momentum)
+    bits, words = run(_leaves(p.params0), _leaves(p.v0), theta_f, theta_o, p.lr, p.momentum)
     # Ideal: mean over weights and steps of log2(2^16 / n); broadcasting replicates a
     # schedule entry uniformly, so each leaf's mean equals the mean of its spec.
     total, count = 0.0, 0

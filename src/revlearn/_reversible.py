@@ -214,9 +214,10 @@ def empty_buffer(lay: Layout, momentum: _schedules.Schedule, capacity: tuple):
     return x, tuple(m), tuple(head), tuple(stacks)
 
 
-def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v0: list, theta,
-            lr, momentum) -> Forward:
-    """Train `problem.steps` steps in fixed point from the float leaves w0, v0."""
+def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v0: list, theta_f,
+            theta_o, lr, momentum) -> Forward:
+    """Train `problem.steps` steps in fixed point from the float leaves w0, v0 (theta split
+    into float leaves `theta_f` and the others `theta_o`, see `_problem.split_inexact`)."""
     k = method.frac_bits
     lay = Layout.of(problem.shapes)
     fault = _faults.Fault.none()
@@ -228,7 +229,6 @@ def forward(problem: Problem, method: "Reversible", capacity: tuple, w0: list, v
     fault = fault.record(bad_v, _faults.VELOCITY_OVERFLOW, 0)
     fault = _schedule_faults(fault, lr, momentum, problem.steps)
     coding = _coding(momentum)
-    theta_f, theta_o = split_inexact(theta)
 
     def step(carry, xs):
         W, V, x, m, head, stacks, path, fault = carry
@@ -455,12 +455,12 @@ class Reversible:
 
         @jax.custom_vjp
         def run(w0, v0, theta_f, theta_o, lr, momentum):
-            fw = forward(problem, self, capacity, w0, v0, merge(theta_f, theta_o), lr, momentum)
+            fw = forward(problem, self, capacity, w0, v0, theta_f, theta_o, lr, momentum)
             _faults.raise_if_fault(fw.fault, where, **info)
             return final(fw), fw.path
 
         def run_fwd(w0, v0, theta_f, theta_o, lr, momentum):
-            fw = forward(problem, self, capacity, w0, v0, merge(theta_f, theta_o), lr, momentum)
+            fw = forward(problem, self, capacity, w0, v0, theta_f, theta_o, lr, momentum)
             _faults.raise_if_fault(fw.fault, where, **info)
             return (final(fw), fw.path), (fw, theta_f, theta_o, lr, momentum)
 

@@ -203,6 +203,14 @@ def child(spec: dict) -> None:
                 out[k] = prof[k]
         out["floor_ratio"] = (prof["iso_grads_only_s"] + prof["iso_hvps_only_s"]) / prof["plain_s"]
         out["inline_floor_ratio"] = (prof["grads_only_s"] + prof["hvps_only_s"]) / prof["plain_s"]
+        # the forward pass as it runs plus the reverse pass's autodiff alone: no work on the
+        # reverse pass's fixed-point and buffer steps can bring the hypergradient below this.
+        # Median of the per-round ratios: each round's parts ran within seconds of each other,
+        # so this pairs them against the machine's drift
+        pr = {k: np.asarray(v) for k, v in rounds.items()}
+        out["reverse_bound_ratio"] = float(np.median(
+            (pr["rev_forward_s"] + pr["iso_hvps_only_s"]) / pr["plain_s"]))
+        out["round_ratios"] = {k: float(np.median(v / pr["plain_s"])) for k, v in pr.items()}
 
         bu_fn = getattr(revlearn, "buffer_usage", None)
         if bu_fn is not None:
@@ -350,8 +358,8 @@ def render(info, base, cells, large_r, xla=()) -> str:
               "medians):", "",
               "| T | plain training | Rev. hypergradient | Rev. forward only | Rev. reverse (hypergradient - forward) "
               "| buffer V*gamma only | gradients | gradient+VJP | gradients, isolated | gradient+VJP, isolated "
-              "| floor, inline | floor, isolated | Rev. hypergradient / plain |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| floor, inline | floor, isolated | bound | Rev. hypergradient / plain |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in cells:
             pr = c.get("profile") if c["method"] == "reversible" else None
             if pr:
@@ -359,6 +367,7 @@ def render(info, base, cells, large_r, xla=()) -> str:
                          f"{pr['hyper_s'] - pr['rev_forward_s']:.3f} | {pr['buffer_mul_only_s']:.3f} | "
                          f"{pr['grads_only_s']:.3f} | {pr['hvps_only_s']:.3f} | {pr['iso_grads_only_s']:.3f} | "
                          f"{pr['iso_hvps_only_s']:.3f} | {c['inline_floor_ratio']:.2f}x | {c['floor_ratio']:.2f}x | "
+                         f"{fmt(c.get('reverse_bound_ratio'), '.2f')}{'x' if 'reverse_bound_ratio' in c else ''} | "
                          f"{pr['hyper_s'] / pr['plain_s']:.2f}x |")
         L += ["", "The autodiff parts run T steps of the loss gradient (and of the gradient plus the VJP "
               "of the gradient, the reverse pass's autodiff work) with a trivial update, inline or "
@@ -366,7 +375,23 @@ def render(info, base, cells, large_r, xla=()) -> str:
               "`lax.cond`, the reverse pass's VJP inside it on CPU and beside it elsewhere). "
               "floor = (gradients + gradient+VJP) / plain "
               "training: what the hypergradient would cost if the fixed-point and buffer work were "
-              "free."]
+              "free. bound = (Rev. forward only + gradient+VJP, isolated) / plain training, the median "
+              "over rounds of each round's ratio: the forward pass as it runs plus the reverse "
+              "pass's autodiff alone, a floor for any work on the reverse pass's fixed-point and "
+              "buffer steps."]
+    rr = [(c["T"], c["round_ratios"]) for c in cells
+          if c["method"] == "reversible" and c.get("round_ratios")]
+    if rr:
+        L += ["", "The same rounds as ratios to plain training, each round's parts divided by that "
+              "round's plain training (medians over rounds):", "",
+              "| T | Rev. hypergradient | Rev. forward only | gradients, isolated | "
+              "gradient+VJP, isolated | buffer V*gamma only | bound |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+        for T, r in rr:
+            cell = next(c for c in cells if c["T"] == T and c["method"] == "reversible")
+            L.append(f"| {T} | {r['hyper_s']:.2f}x | {r['rev_forward_s']:.2f}x | "
+                     f"{r['iso_grads_only_s']:.2f}x | {r['iso_hvps_only_s']:.2f}x | "
+                     f"{r['buffer_mul_only_s']:.3f}x | {cell['reverse_bound_ratio']:.2f}x |")
     if xla:
         L += ["", "XLA buffer plan of the compiled hypergradient (`compiled.memory_analysis()`, MiB):", "",
               "| T | method | temp buffers | arguments + outputs |", "|---:|---|---:|---:|"]

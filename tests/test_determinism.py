@@ -92,3 +92,13 @@ def test_primitives_sees_nested_jaxprs():
     f = lambda x: jax.lax.cond(x.sum() > 0, lambda y: jax.jit(jnp.sin)(y), jnp.cos, x)
     names = _determinism.primitives(jax.make_jaxpr(jax.grad(lambda x: f(x).sum()))(jnp.ones(3)))
     assert {"sin", "cos", "cond"} <= names
+
+
+def test_check_handles_key_and_int_hypers(on_gpu):
+    def noisy_conv(p, h, t):
+        noise = jax.random.normal(jax.random.fold_in(h["key"], t), X.shape) * h["scale"]
+        logp = convnet_apply(p, X + noise)
+        return -jnp.mean(jnp.take_along_axis(logp, Y[:, None], axis=1)) * h["n"]
+    hypers = {"key": jax.random.key(0), "scale": jnp.float64(0.01), "n": jnp.int32(1)}
+    with pytest.warns(RuntimeWarning, match="conv_general_dilated"):
+        revlearn.sgd(noisy_conv, CONV, hypers, lr=0.05, momentum=0.9, steps=2)

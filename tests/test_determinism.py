@@ -90,8 +90,14 @@ def test_mlp_on_gpu_and_conv_on_cpu_do_not_warn(on_gpu):
 
 def test_primitives_sees_nested_jaxprs():
     f = lambda x: jax.lax.cond(x.sum() > 0, lambda y: jax.jit(jnp.sin)(y), jnp.cos, x)
-    names = _determinism.primitives(jax.make_jaxpr(jax.grad(lambda x: f(x).sum()))(jnp.ones(3)))
-    assert {"sin", "cos", "cond"} <= names
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: f(x).sum()))(jnp.ones(3))
+    assert not {"sin", "cos"} & {e.primitive.name for e in jaxpr.jaxpr.eqns}   # only nested
+    assert {"sin", "cos", "cond"} <= _determinism.primitives(jaxpr)
+
+
+def test_checkers_warn_too(on_gpu):
+    with pytest.warns(RuntimeWarning, match=r"check_reversal: the gradient of loss_fn uses conv"):
+        revlearn.check_reversal(conv_loss, CONV, None, lr=0.05, momentum=0.9, steps=2)
 
 
 def test_check_handles_key_and_int_hypers(on_gpu):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _buffer, _reversible, _schedules
+from . import _buffer, _determinism, _reversible, _schedules
 from ._problem import merge, split_inexact
 from ._layout import Layout
 from ._reversible import Reversible
@@ -37,6 +37,7 @@ def _setup(where, method, loss_fn, params0, hypers, lr, momentum, steps, v0):
     method = method or Reversible()
     _reversible.require_x64(where)
     p = prepare(loss_fn, params0, hypers, lr=lr, momentum=momentum, steps=steps, v0=v0)
+    _determinism.warn_if_nondeterministic(p.problem, p.params0, p.theta, where)
     return method, p, method.capacity(p.momentum, steps)
 
 

@@ -9,7 +9,7 @@ H200 the float32 convnet of the tests drifted in 3 of 3 runs without the flag
 and reversed exactly with it (`benchmarks/results/exactness_gpu.md`); the tanh
 MLP was exact without it. Drift is always detected and raised after the
 reverse pass; this check says so before the forward pass, where it is cheap
-to fix. It reads the jaxpr of the loss's gradient (one trace, at trace time of
+to fix (in `sgd` with `Reversible`, `check_reversal` and `buffer_usage`). It reads the jaxpr of the loss's gradient (one trace, at trace time of
 `sgd`) and costs nothing on CPU, where it returns at once.
 
 Scatter-adds with repeated indices (the gradient of an embedding lookup) are
@@ -61,7 +61,9 @@ def primitives(jaxpr) -> set[str]:
 
 def warn_if_nondeterministic(problem, params, theta, where: str) -> None:
     """Warn (RuntimeWarning) when running on GPU without the deterministic-ops flag and
-    the gradient of `problem`'s loss contains a primitive in `NONDETERMINISTIC_ON_GPU`."""
+    the gradient of `problem`'s loss contains a primitive in `NONDETERMINISTIC_ON_GPU`.
+    Both callers (`Reversible.solve` under `sgd`, `_check._setup` under a checker) sit two
+    frames below the user's call, which the warning names."""
     if _backend() not in ("gpu", "cuda", "rocm"):
         return
     if deterministic_flag_set(os.environ.get("XLA_FLAGS", "")):

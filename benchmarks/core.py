@@ -379,19 +379,18 @@ def render(info, base, cells, large_r, xla=()) -> str:
               "over rounds of each round's ratio: the forward pass as it runs plus the reverse "
               "pass's autodiff alone, a floor for any work on the reverse pass's fixed-point and "
               "buffer steps."]
-    rr = [(c["T"], c["round_ratios"]) for c in cells
-          if c["method"] == "reversible" and c.get("round_ratios")]
+    rr = [c for c in cells if c["method"] == "reversible" and c.get("round_ratios")]
     if rr:
         L += ["", "The same rounds as ratios to plain training, each round's parts divided by that "
               "round's plain training (medians over rounds):", "",
               "| T | Rev. hypergradient | Rev. forward only | gradients, isolated | "
               "gradient+VJP, isolated | buffer V*gamma only | bound |",
               "|---:|---:|---:|---:|---:|---:|---:|"]
-        for T, r in rr:
-            cell = next(c for c in cells if c["T"] == T and c["method"] == "reversible")
-            L.append(f"| {T} | {r['hyper_s']:.2f}x | {r['rev_forward_s']:.2f}x | "
+        for c in rr:
+            r = c["round_ratios"]
+            L.append(f"| {c['T']} | {r['hyper_s']:.2f}x | {r['rev_forward_s']:.2f}x | "
                      f"{r['iso_grads_only_s']:.2f}x | {r['iso_hvps_only_s']:.2f}x | "
-                     f"{r['buffer_mul_only_s']:.3f}x | {cell['reverse_bound_ratio']:.2f}x |")
+                     f"{r['buffer_mul_only_s']:.3f}x | {c['reverse_bound_ratio']:.2f}x |")
     if xla:
         L += ["", "XLA buffer plan of the compiled hypergradient (`compiled.memory_analysis()`, MiB):", "",
               "| T | method | temp buffers | arguments + outputs |", "|---:|---|---:|---:|"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from revlearn import _buffer
+from revlearn.exact import _buffer
 
 
 def _capacity(numerators: np.ndarray) -> int:

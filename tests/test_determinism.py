@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 import revlearn
-from revlearn import _determinism
+from revlearn.exact import _determinism
 from revlearn.models import convnet_apply, convnet_init
 
 X = jax.random.normal(jax.random.PRNGKey(1), (4, 64))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from revlearn._layout import BLOCK, Layout
+from revlearn.exact._layout import BLOCK, Layout
 
 SHAPES = [(784, 50), (50,), (), (3, 0, 2), (7, 3, 5), (64,), (65,)]
 

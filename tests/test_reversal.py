@@ -101,7 +101,7 @@ def test_vjp_placement_default_follows_the_backend(monkeypatch):
 def test_drift_is_detected_and_raises(monkeypatch):
     """If the state handed to the reverse pass is off by one unit in the last place (as a
     non-deterministic gradient would make it), jax.grad raises instead of returning."""
-    from revlearn import _reversible
+    from revlearn.methods import _reversible
 
     loss_fn, meta_fn, params0, hypers = make("logistic")
     real_forward = _reversible.forward

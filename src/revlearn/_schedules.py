@@ -1,6 +1,6 @@
-"""Hyperparameter schedules of `sgd`: scalar, per step, per group, per weight.
+"""Hyperparameter schedules: scalar, per step, per group, per weight.
 
-`lr` and `momentum` are each one of
+Every hyperparameter of an update rule (`lr`, `momentum`, Adam's `b1`, ...) is one of
 
 * a scalar: the same value for every weight at every step;
 * an array of shape [steps]: one value per step for every weight;
@@ -25,9 +25,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-GAMMA_DENOMINATOR = 1 << 16
-
 
 class Schedule(NamedTuple):
     """Per params leaf: `constant[i]` [*B_i] or None, `stepwise[i]` [steps, *B_i] or None."""
@@ -131,31 +128,24 @@ def is_concrete(schedule: Schedule) -> bool:
                    for a in jax.tree_util.tree_leaves(schedule))
 
 
-def numerators(gamma: jax.Array) -> jax.Array:
-    """n = round(gamma * 2^16): momentum is applied as exactly n / 2^16 (int64)."""
-    return jnp.round(jnp.asarray(gamma, jnp.float64) * GAMMA_DENOMINATOR).astype(jnp.int64)
+def combine(fn, schedules: dict, names) -> Schedule:
+    """Per params leaf, `fn({name: entry})` of the named schedules' entries, broadcasting:
+    constant if every entry is constant, else stepwise [steps, *B] (constants are
+    broadcast along steps). Concrete (numpy) entries give concrete results."""
+    leaves = len(next(iter(schedules.values())).constant)
+    constant, stepwise = [], []
+    for i in range(leaves):
+        stepped = any(schedules[n].stepwise[i] is not None for n in names)
+        args = {}
+        for n in names:
+            c, s = schedules[n].constant[i], schedules[n].stepwise[i]
+            args[n] = s if c is None else (c[None] if stepped else c)
+        out = fn(args)
+        constant.append(None if stepped else out)
+        stepwise.append(out if stepped else None)
+    return Schedule(tuple(constant), tuple(stepwise))
 
 
-def rounded_momentum(gamma: jax.Array) -> jax.Array:
-    """n / 2^16 with the derivative of the identity (straight-through), in gamma's dtype."""
-    q = (jnp.round(gamma * GAMMA_DENOMINATOR) / GAMMA_DENOMINATOR).astype(gamma.dtype)
-    return gamma + jax.lax.stop_gradient(q - gamma)
-
-
-def check_concrete(name: str, schedule: Schedule, momentum: bool) -> None:
-    """Reject bad values now when they are known (not traced)."""
-    for i, a in enumerate(list(schedule.constant) + list(schedule.stepwise)):
-        if a is None or isinstance(a, jax.core.Tracer):
-            continue
-        a = np.asarray(a, np.float64)
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"{name} contains non-finite values ({a[~np.isfinite(a)][:3]} ...). "
-                             f"Pass finite {name} values.")
-        if momentum:
-            n = np.round(a * GAMMA_DENOMINATOR)
-            if np.any(n < 2) or np.any(n > GAMMA_DENOMINATOR - 1):
-                bad = a[(n < 2) | (n > GAMMA_DENOMINATOR - 1)].ravel()[:3]
-                raise ValueError(
-                    f"momentum must lie strictly inside (0, 1) (it is applied as n/65536 with "
-                    f"2 <= n <= 65535), got {bad.tolist()}. Use e.g. 0.9, or a logit "
-                    "parameterisation to keep it inside.")
+def entries(schedule: Schedule) -> list:
+    """Per leaf, the constant entry or the stepwise array."""
+    return [c if c is not None else s for c, s in zip(schedule.constant, schedule.stepwise)]

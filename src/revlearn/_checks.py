@@ -1,0 +1,387 @@
+"""Checks users run on their own problems (like autograd's `check_grads`), for every rule.
+
+* `check_reversal`: train forward, run backwards, and compare the recovered
+  weights, optimiser state and buffers with the initial ones bit-for-bit.
+* `check_hypergradients`: the meta-gradient of `meta_fn(train(...))` by
+  `Reversible`, by `Unrolled`, and by central finite differences along a random
+  direction per argument (params0, hypers, each hyperparameter of the rule);
+  reports the relative errors.
+* `buffer_usage`: bits per weight per step the buffers hold after training,
+  beside the information-theoretic minimum mean_t sum_j log2(1 / d_j,t).
+* `self_check`: all of the above on small built-in problems (`revlearn check`).
+
+Each takes the rule as `optimizer=` (or momentum's `lr=`, `momentum=`, `v0=`)
+and faults exactly where `train` does: a run that `train` would stop with a
+`ReversibleError` is never reported as exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _faults
+from ._problem import decay_values, merge, split_inexact
+from ._train import prepare, train
+from .exact import _buffer, _determinism, _grid
+from .exact._layout import Layout
+from .methods import _reversible
+from .methods._reversible import Reversible
+from .methods._unrolled import Unrolled
+
+
+def _leaves(tree) -> list:
+    return [jnp.asarray(l) for l in jax.tree_util.tree_leaves(tree)]
+
+
+def _setup(where, method, loss_fn, params0, hypers, kw):
+    """(method, prepared arguments, buffer capacity, fault info): what the forward pass needs."""
+    method = method or Reversible()
+    _reversible.require_x64(where)
+    p = prepare(loss_fn, params0, hypers, **kw)
+    if p.rule is None:
+        raise TypeError(f"{where} needs a revlearn.optim rule, not an optax transform.")
+    _determinism.warn_if_nondeterministic(p.problem, p.params0, p.theta, where)
+    capacity = method.capacity(p)
+    return method, p, capacity, method.info(p, capacity)
+
+
+def _forward(p, method, capacity):
+    theta_f, theta_o = split_inexact(p.theta)
+    names = [m.name for m in p.rule.moments]
+
+    def fw(w0, s0, count0, theta_f, theta_o, hypers, decays):
+        return _reversible.forward(p, method, capacity, w0, s0, count0, theta_f, theta_o,
+                                   hypers, decays)
+    args = (_leaves(p.params0), {n: _leaves(p.state0[n]) for n in names},
+            p.state0.get("count", jnp.int32(0)), theta_f, theta_o, p.hypers, decay_values(p))
+    return fw, args
+
+
+@dataclasses.dataclass(frozen=True)
+class ReversalCheck:
+    """Whether the reversal recovered the initial state bit-for-bit: the weights, the
+    optimiser state (every moment) and the buffers."""
+
+    weights_exact: bool
+    state_exact: bool
+    buffer_empty: bool
+    max_weight_error_ulps: int
+
+    @property
+    def velocity_exact(self) -> bool:
+        """`state_exact` (revlearn 0.1's name, from momentum's velocity)."""
+        return self.state_exact
+
+    @property
+    def passed(self) -> bool:
+        return self.weights_exact and self.state_exact and self.buffer_empty
+
+
+def check_reversal(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=None,
+                   momentum=None, v0=None, state0=None,
+                   method: Reversible | None = None) -> ReversalCheck:
+    """Train `steps` steps in fixed point, reverse them, compare with the start bit-for-bit.
+
+    Raises `ReversibleError` where `train` would (a fault in either pass other than the
+    drift this check measures)."""
+    where = "check_reversal"
+    method, p, capacity, info = _setup(where, method, loss_fn, params0, hypers, dict(
+        optimizer=optimizer, lr=lr, momentum=momentum, v0=v0, state0=state0, steps=steps))
+    fw_fn, args = _forward(p, method, capacity)
+    names = [m.name for m in p.rule.moments]
+
+    @jax.jit
+    def roundtrip(w0, s0, count0, theta_f, theta_o, hypers, decays):
+        fw = fw_fn(w0, s0, count0, theta_f, theta_o, hypers, decays)
+        zero = [jnp.zeros(jnp.shape(w), jnp.float64) for w in w0]
+        bw = _reversible.backward(p, method, fw, theta_f, theta_o, hypers, decays, count0, zero,
+                                  {n: zero for n in names}, 0.0)
+        err = jnp.max(jnp.abs(bw.W - fw.W0), initial=0)
+        state = jnp.ones((), bool)
+        for a, b in zip(bw.X, fw.X0):
+            state &= jnp.all(a == b)
+        return (fw.fault, bw.fault, jnp.all(bw.W == fw.W0), state, bw.buffer_empty(p.rule), err)
+
+    f_fault, b_fault, w, s, b, err = roundtrip(*args)
+    _faults.raise_now(f_fault, where, **info)
+    if int(b_fault.code) != _faults.REVERSAL_DRIFT:
+        _faults.raise_now(b_fault, where + " (reverse pass)", **info)
+    return ReversalCheck(bool(w), bool(s), bool(b), int(err))
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferUsage:
+    """Buffer size after training, per weight per step, against the minimum.
+
+    `capacity_words` and `max_words_used` count words per weight (the largest over decays
+    and params leaves); `per_decay` holds (name, bits, ideal bits) per weight per step."""
+
+    bits_per_weight_per_step: float
+    ideal_bits_per_weight_per_step: float
+    capacity_words: int
+    max_words_used: int
+    per_decay: tuple = ()
+
+    @property
+    def ratio(self) -> float:
+        return self.bits_per_weight_per_step / self.ideal_bits_per_weight_per_step
+
+
+def buffer_usage(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=None, momentum=None,
+                 v0=None, state0=None, method: Reversible | None = None) -> BufferUsage:
+    """Run the forward pass and measure the information buffers (raises `ReversibleError` where
+    `train` would, e.g. on an exhausted buffer)."""
+    where = "buffer_usage"
+    method, p, capacity, info = _setup(where, method, loss_fn, params0, hypers, dict(
+        optimizer=optimizer, lr=lr, momentum=momentum, v0=v0, state0=state0, steps=steps))
+    fw_fn, args = _forward(p, method, capacity)
+    decs = p.rule.decays()
+    lay = Layout.of(p.problem.shapes)
+    sizes = lay.sizes
+
+    @jax.jit
+    def run(*a):
+        fw = fw_fn(*a)
+        # bits reserved per weight: a leaf's m and head are one value for all its
+        # weights or one per weight on its rows (padding excluded)
+        totals, words = [], []
+        for j, dec in enumerate(decs):
+            total = jnp.zeros((), jnp.float64)
+            for i, (m, head) in enumerate(zip(fw.m[j], fw.head[j])):
+                bits = _buffer.bits_reserved(head, m, dec.grid)
+                total += (bits * sizes[i] if bits.ndim == 0
+                          else jnp.sum(bits.reshape(-1)[:sizes[i]]))
+            totals.append(total / sum(sizes))
+            words.append(jnp.max(jnp.stack([jnp.max(h, initial=0) for h in fw.head[j]])))
+        return fw.fault, totals, words
+
+    fault, bits, words = run(*args)
+    _faults.raise_now(fault, where, **info)
+    # Ideal: mean over weights and steps of log2(2^d / n); broadcasting replicates a
+    # schedule entry uniformly, so each leaf's mean equals the mean of its entry.
+    per, ideal_total = [], 0.0
+    for j, dec in enumerate(decs):
+        total, count = 0.0, 0
+        sched = p.decays[dec.name]
+        for c, s, size in zip(sched.constant, sched.stepwise, sizes):
+            if size == 0:
+                continue
+            a = np.asarray(c if c is not None else s, np.float64)
+            n = np.clip(_grid.numerators_np(a, dec.grid), dec.grid.min_numerator,
+                        dec.grid.denominator)
+            total += size * float(np.mean(np.log2(dec.grid.denominator / n)))
+            count += size
+        ideal = total / max(count, 1)
+        per.append((dec.name, float(bits[j]) / steps, ideal))
+        ideal_total += ideal
+    cap = max((max(c, default=0) for c in capacity.values()), default=0)
+    return BufferUsage(sum(b for _, b, _ in per), ideal_total, cap,
+                       int(max((int(w) for w in words), default=0)), tuple(per))
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCheck:
+    """Relative errors of the Reversible hypergradient, per argument."""
+
+    names: tuple
+    rel_err_unrolled: tuple      # ||g_rev - g_unr|| / ||g_unr||
+    rel_err_fd: tuple            # |<g_rev, u> - FD_u| / max(|FD_u|, tiny)
+    fd_step: tuple
+    rtol_unrolled: float
+    rtol_fd: float
+
+    @property
+    def passed(self) -> bool:
+        return (all(e <= self.rtol_unrolled for e in self.rel_err_unrolled)
+                and all(e <= self.rtol_fd for e in self.rel_err_fd))
+
+    def __str__(self) -> str:
+        lines = [f"{'argument':<14} {'rev vs unrolled':>16} {'rev vs central FD':>18} {'FD step':>9}"]
+        for n, a, b, h in zip(self.names, self.rel_err_unrolled, self.rel_err_fd, self.fd_step):
+            lines.append(f"{n:<14} {a:>16.2e} {b:>18.2e} {h:>9.1e}")
+        lines.append(f"tolerances: {self.rtol_unrolled:.0e} (unrolled), {self.rtol_fd:.0e} (FD) -> "
+                     + ("PASS" if self.passed else "FAIL"))
+        return "\n".join(lines)
+
+
+def _norm(tree) -> float:
+    leaves = [np.asarray(l, np.float64).ravel() for l in jax.tree_util.tree_leaves(tree)]
+    return float(np.sqrt(sum(np.sum(l * l) for l in leaves))) if leaves else 0.0
+
+
+def _sub(a, b):
+    return jax.tree_util.tree_map(lambda x, y: np.asarray(x, np.float64) - np.asarray(y, np.float64), a, b)
+
+
+def _dot(a, b) -> float:
+    return float(sum(np.sum(np.asarray(x, np.float64) * np.asarray(y, np.float64))
+                     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))))
+
+
+def _bounds(p, fd_units: int) -> dict:
+    """Lower bounds for every decay (they are traced under the checker's grad), from their
+    concrete values less the finite-difference step."""
+    out = {}
+    for dec in p.rule.decays():
+        vals = [np.asarray(a, np.float64) for a in jax.tree_util.tree_leaves(p.decays[dec.name])]
+        if vals and not any(isinstance(a, jax.core.Tracer) for a in
+                            jax.tree_util.tree_leaves(p.decays[dec.name])):
+            lo = min(float(np.min(v, initial=1.0)) for v in vals)
+            out[dec.name] = max(dec.grid.smallest(), lo - 2 * fd_units / dec.grid.denominator)
+    return out
+
+
+def check_hypergradients(loss_fn: Callable, meta_fn: Callable, params0: Any, hypers: Any = None, *,
+                         steps: int, optimizer=None, lr: Any = None, momentum: Any = None,
+                         method: Reversible | None = None, key: jax.Array | None = None,
+                         fd_step: float | None = None, rtol_unrolled: float | None = None,
+                         rtol_fd: float | None = None) -> GradCheck:
+    """Compare d meta_fn(train(...)) / d(params0, hypers, each rule hyperparameter) three ways.
+
+    `meta_fn(params_T) -> scalar`, e.g. the validation loss. Finite differences
+    are central, along one random unit direction per argument (for a decay along
+    the all-ones direction with a step of whole units of its grid, since decays
+    are applied rounded to it). Tolerances default to 1e-6 / 1e-4 in float64 and
+    1e-3 / 3e-2 when params0 is float32. A weight decay that is the Python number 0
+    (off) is not differentiated.
+    """
+    p = prepare(loss_fn, params0, hypers, optimizer=optimizer, lr=lr, momentum=momentum,
+                steps=steps)
+    rule = p.rule
+    key = jax.random.PRNGKey(0) if key is None else key
+    f32 = any(jnp.result_type(l) == jnp.float32 for l in jax.tree_util.tree_leaves(params0))
+    rtol_unrolled = rtol_unrolled if rtol_unrolled is not None else (1e-3 if f32 else 1e-6)
+    rtol_fd = rtol_fd if rtol_fd is not None else (3e-2 if f32 else 1e-4)
+    h = fd_step if fd_step is not None else (1e-2 if f32 else 1e-5)
+    units = 256 if f32 else 16
+    if method is None:
+        method = Reversible(min_decay=_bounds(p, units))
+    # decays that are a hyperparameter exactly on their grids, so FD steps of whole grid units
+    # are exact
+    grid_of = {d.reads[0]: d.grid for d in rule.decays() if len(d.reads) == 1}
+    hyp = {}
+    for name in rule.hyper_kinds:
+        spec = getattr(rule, name)
+        if rule.hyper_kinds[name] == "nonnegative" and isinstance(spec, (int, float)) and spec == 0:
+            continue
+        if name in grid_of:
+            g = grid_of[name]
+            spec = jax.tree_util.tree_map(
+                lambda m, g=g: jnp.round(jnp.asarray(m, jnp.float64) * g.denominator) / g.denominator,
+                spec)
+        hyp[name] = spec
+    hypers_f, hypers_o = split_inexact(hypers)
+    hnames = tuple(hyp)
+
+    def f(p0, hf, hv, m):
+        opt = dataclasses.replace(rule, **dict(zip(hnames, hv)))
+        return meta_fn(train(loss_fn, p0, merge(hf, hypers_o), optimizer=opt, steps=steps,
+                             method=m))
+
+    args = (params0, hypers_f, tuple(hyp[n] for n in hnames))
+    g_rev = jax.jit(jax.grad(lambda *a: f(*a, method), argnums=(0, 1, 2)))(*args)
+    g_unr = jax.jit(jax.grad(lambda *a: f(*a, Unrolled()), argnums=(0, 1, 2)))(*args)
+    f_jit = jax.jit(lambda *a: f(*a, Unrolled()))
+    flat_args = [args[0], args[1]] + list(args[2])
+    flat_rev = [g_rev[0], g_rev[1]] + list(g_rev[2])
+    flat_unr = [g_unr[0], g_unr[1]] + list(g_unr[2])
+    names = ("params0", "hypers") + hnames
+
+    def rebuild(i, value):
+        a = [args[0], args[1], list(args[2])]
+        if i < 2:
+            a[i] = value
+        else:
+            a[2][i - 2] = value
+        return a[0], a[1], tuple(a[2])
+
+    errs_u, errs_fd, steps_used, present = [], [], [], []
+    keys = jax.random.split(key, len(names))
+    for i, name in enumerate(names):
+        if not jax.tree_util.tree_leaves(flat_args[i]):
+            continue
+        present.append(name)
+        errs_u.append(_norm(_sub(flat_rev[i], flat_unr[i])) / max(_norm(flat_unr[i]), 1e-300))
+        leaves, tdef = jax.tree_util.tree_flatten(flat_args[i])
+        if name in grid_of:
+            u = [np.ones(np.shape(l)) for l in leaves]
+            step = units / grid_of[name].denominator * (1 if grid_of[name].bits == 16 else 256)
+        else:
+            ks = jax.random.split(keys[i], len(leaves))
+            u = [np.asarray(jax.random.normal(k, np.shape(l)), np.float64) for k, l in zip(ks, leaves)]
+            nrm = math.sqrt(sum(float(np.sum(x * x)) for x in u))
+            u = [x / nrm for x in u]
+            step = h
+        u_tree = jax.tree_util.tree_unflatten(tdef, u)
+        shift = lambda s: jax.tree_util.tree_unflatten(
+            tdef, [jnp.asarray(np.asarray(l, np.float64) + s * x, jnp.result_type(l))
+                   for l, x in zip(leaves, u)])
+        fd = (float(f_jit(*rebuild(i, shift(step)))) - float(f_jit(*rebuild(i, shift(-step))))) / (2 * step)
+        dd = _dot(flat_rev[i], u_tree)
+        errs_fd.append(abs(dd - fd) / max(abs(fd), abs(dd), 1e-12))
+        steps_used.append(step)
+    return GradCheck(tuple(present), tuple(errs_u), tuple(errs_fd), tuple(steps_used),
+                     rtol_unrolled, rtol_fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfCheck:
+    """Verdict of `self_check`."""
+
+    lines: tuple
+    passed: bool
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines + (("PASS: exact reversal and hypergradients verified on this "
+                                        "machine.") if self.passed else "FAIL: see above.",))
+
+
+def self_check(steps: int = 30) -> SelfCheck:
+    """Exactness and agreement on small built-in problems, float64 and float32."""
+    _reversible.require_x64("revlearn.self_check")
+    lines, ok = [f"jax {jax.__version__} on {jax.devices()[0].platform} "
+                 f"({jax.devices()[0].device_kind})"], True
+    kx, ky, kv, kw1, kw2 = jax.random.split(jax.random.PRNGKey(0), 5)
+    x = jax.random.normal(kx, (64, 12))
+    y = jax.nn.one_hot(jax.random.randint(ky, (64,), 0, 4), 4)
+    xv = jax.random.normal(kv, (32, 12))
+    yv = jax.nn.one_hot(jnp.arange(32) % 4, 4)
+
+    def apply(p, x):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jax.nn.log_softmax(h @ p["w2"] + p["b2"])
+
+    def loss_fn(p, hyp, t):
+        i = (t * 16) % 64
+        xb = jax.lax.dynamic_slice_in_dim(x, i, 16).astype(p["w1"].dtype)
+        yb = jax.lax.dynamic_slice_in_dim(y, i, 16).astype(p["w1"].dtype)
+        l2 = jnp.exp(hyp["log_l2"]).astype(p["w1"].dtype)
+        return -jnp.mean(jnp.sum(apply(p, xb) * yb, -1)) + jnp.sum(l2 * p["w1"] ** 2)
+
+    def meta_fn(p):
+        return -jnp.mean(jnp.sum(apply(p, xv.astype(p["w1"].dtype)) * yv.astype(p["w1"].dtype), -1))
+
+    for dtype in (jnp.float64, jnp.float32):
+        p0 = {"w1": (0.3 * jax.random.normal(kw1, (12, 8))).astype(dtype), "b1": jnp.zeros(8, dtype),
+              "w2": (0.3 * jax.random.normal(kw2, (8, 4))).astype(dtype), "b2": jnp.zeros(4, dtype)}
+        hyp = {"log_l2": jnp.full((12, 8), -5.0)}
+        lr = {"w1": jnp.full(steps, 0.5), "b1": 0.5, "w2": jnp.full(steps, 0.5), "b2": 0.5}
+        rc = check_reversal(loss_fn, p0, hyp, lr=lr, momentum=0.9, steps=steps)
+        lines.append(f"[{jnp.dtype(dtype).name}] bit-exact reversal of w0, v0 and buffer: "
+                     f"{'yes' if rc.passed else 'NO'}")
+        ok &= rc.passed
+        gc = check_hypergradients(loss_fn, meta_fn, p0, hyp, lr=lr, momentum=0.9, steps=steps,
+                                  method=Reversible(min_momentum=0.8))
+        lines.append(f"[{jnp.dtype(dtype).name}] hypergradients:")
+        lines.extend("  " + l for l in str(gc).splitlines())
+        ok &= gc.passed
+    bu = buffer_usage(loss_fn, p0, hyp, lr=lr, momentum=0.9, steps=steps)
+    lines.append(f"buffer: {bu.bits_per_weight_per_step:.4f} bits/weight/step vs minimum "
+                 f"{bu.ideal_bits_per_weight_per_step:.4f} (ratio {bu.ratio:.4f} over {steps} steps)")
+    return SelfCheck(tuple(lines), bool(ok))

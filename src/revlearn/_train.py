@@ -1,0 +1,246 @@
+"""`train`: an update rule's training loop as a differentiable function of everything it reads.
+
+    w_{t+1}, state_{t+1} = rule step(w_t, state_t, grad_w loss_fn(w_t, hypers, t)),  t = 0 .. T-1
+
+*What* is trained is the `optimizer` (`revlearn.optim.momentum`, `adam`,
+`rmsprop_momentum`, or for the storing methods any optax
+`GradientTransformation`); *how* its derivative is taken is the `method`
+(`Reversible()`: exact reversal, O(P) memory; `Unrolled()`: store every step;
+`Checkpointed()`: store every k-th step), chosen independently, as diffrax
+separates solver and adjoint. All methods compute the same function and the
+same derivatives. Arguments are validated here, once, before any method runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _schedules
+from .exact import _grid
+from .methods._reversible import Reversible
+from .methods._unrolled import Checkpointed, Unrolled
+from .optim import _base
+from .optim._momentum import MomentumState, momentum as momentum_rule
+from ._problem import Prepared, Problem
+
+Method = Reversible | Unrolled | Checkpointed
+METHODS = "revlearn.Reversible(), revlearn.Unrolled() or revlearn.Checkpointed()"
+RULES = "revlearn.optim.momentum, revlearn.optim.adam or revlearn.optim.rmsprop_momentum"
+
+
+def _check_params(params0) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(params0)
+    if not leaves:
+        raise ValueError("params0 has no array leaves: pass a pytree of float arrays.")
+    for path, leaf in leaves:
+        dt = jnp.result_type(leaf)
+        if not jnp.issubdtype(dt, jnp.floating):
+            raise ValueError(
+                f"params0{jax.tree_util.keystr(path)} has dtype {dt}; every leaf of params0 is "
+                "trained, so it must be a float array. Move integer or key leaves into hypers.")
+
+
+def is_optax(opt) -> bool:
+    """An optax `GradientTransformation` (duck-typed: optax is not needed to run revlearn)."""
+    return (not isinstance(opt, _base.Rule) and callable(getattr(opt, "init", None))
+            and callable(getattr(opt, "update", None)))
+
+
+def train(loss_fn: Callable, params0: Any, hypers: Any = None, *, optimizer, steps: int,
+          method: Method | None = None, state0: Any = None, path_fn: Callable | None = None,
+          return_state: bool = False):
+    """Train `steps` steps of `optimizer`; differentiable w.r.t. every array input.
+
+    Args:
+      loss_fn: `loss_fn(params, hypers, step) -> scalar`; `step` is an int32 array, so the
+        loss picks its minibatch (and any noise) from it.
+      params0: pytree of float arrays (float32 or float64), the initial weights.
+      hypers: any pytree read by the loss (L2 strengths, data, ...). Float leaves get
+        hypergradients; other leaves (keys, ints) are passed along.
+      optimizer: an update rule, `revlearn.optim.momentum(lr, momentum)`,
+        `revlearn.optim.adam(lr, ...)` or `revlearn.optim.rmsprop_momentum(lr, ...)`, whose
+        hyperparameters are differentiable (each a scalar, a [steps] schedule, or a pytree
+        prefix of params0 with per-weight or [steps, *shape] leaves); with `Unrolled` or
+        `Checkpointed` also any optax `GradientTransformation`.
+      steps: T, a Python int >= 1.
+      method: `Reversible()` (default), `Unrolled()` or `Checkpointed()`.
+      state0: the optimiser state to start from (the rule's `State`, e.g. the one a previous
+        call returned with `return_state=True`, or an optax state); the rule's zero state
+        (optax: `optimizer.init(params0)`) if None. Differentiable.
+      path_fn: optional `path_fn(params, hypers, step) -> scalar`; if given, the sum over
+        t = 0 .. T-1 of path_fn(w_t, hypers, t) (e.g. the area under the training curve)
+        is returned too and is differentiable.
+      return_state: also return the final optimiser state.
+
+    Returns:
+      w_T (pytree like params0); with `return_state` (w_T, state_T); with `path_fn`
+      (w_T, path_sum); with both (w_T, state_T, path_sum).
+
+    Raises:
+      ValueError / TypeError: bad arguments (before anything runs), naming the argument.
+      ReversibleError: a fault while training or reversing (non-finite gradient,
+        fixed-point overflow, exhausted buffer, decay off its grid, drift), naming the step;
+        under `jax.jit` it arrives as a `JaxRuntimeError` carrying the message.
+    """
+    method = Reversible() if method is None else method
+    if not isinstance(method, (Reversible, Unrolled, Checkpointed)):
+        raise TypeError(f"method={method!r} is not a revlearn method: use {METHODS}.")
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state={return_state!r} is not a bool: pass True or False.")
+    if is_optax(optimizer) and isinstance(method, Reversible):
+        raise TypeError(
+            f"optimizer={optimizer!r} is an optax GradientTransformation, which Reversible() "
+            f"cannot reverse exactly. Use a reversible rule ({RULES}), or method="
+            "revlearn.Unrolled() / revlearn.Checkpointed(), which store the trajectory.")
+    p = prepare(loss_fn, params0, hypers, optimizer=optimizer, steps=steps, state0=state0,
+                path_fn=path_fn)
+    params_T, state_T, path = method.solve(p)
+    out = (params_T,) + ((state_T,) if return_state else ()) + ((path,) if path_fn else ())
+    return out[0] if len(out) == 1 else out
+
+
+def sgd(loss_fn: Callable, params0: Any, hypers: Any = None, *, lr: Any, momentum: Any,
+        steps: int, method: Method | None = None, v0: Any = None,
+        path_fn: Callable | None = None):
+    """SGD with momentum (the paper's rule): `train(..., optimizer=optim.momentum(lr, momentum))`.
+
+        v_{t+1} = gamma_t v_t - (1 - gamma_t) grad_w loss_fn(w_t, hypers, t)
+        w_{t+1} = w_t + alpha_t v_{t+1}
+
+    Args as `train`; `lr` (alpha) and `momentum` (gamma, applied as round(gamma 2^16) / 2^16)
+    take the hyperparameter shapes, `v0` is the initial velocity (zeros if None).
+
+    Returns:
+      w_T, or (w_T, path_sum) if path_fn is given.
+    """
+    state0 = None if v0 is None else MomentumState(v0)
+    return train(loss_fn, params0, hypers, optimizer=momentum_rule(lr, momentum), steps=steps,
+                 method=method, state0=state0, path_fn=path_fn)
+
+
+def _check_state0(rule: _base.Rule, state0, params0) -> dict:
+    fields = ((("count",) if rule.counted else ()) + tuple(m.name for m in rule.moments))
+    if state0 is None:
+        return dict(rule.init(params0)._asdict())
+    if not (isinstance(state0, tuple) and hasattr(state0, "_fields")
+            and tuple(state0._fields) == tuple(rule.State._fields)):
+        raise ValueError(f"state0 must be a {rule.State.__name__}{fields} for "
+                         f"revlearn.optim.{rule.name} (got {type(state0).__name__}); start "
+                         f"from optimizer.init(params0) or a state returned by train(..., "
+                         "return_state=True).")
+    out = {}
+    for m in rule.moments:
+        x = getattr(state0, m.name)
+        if jax.tree_util.tree_structure(x) != jax.tree_util.tree_structure(params0) or any(
+                jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree_util.tree_leaves(x),
+                                                            jax.tree_util.tree_leaves(params0))):
+            what = "v0" if rule.name == "momentum" and m.name == "v" else f"state0.{m.name}"
+            raise ValueError(f"{what} must have the same structure and leaf shapes as params0 "
+                             f"(got {jax.tree_util.tree_structure(x)}).")
+        out[m.name] = jax.tree_util.tree_map(lambda a, p: jnp.asarray(a, jnp.result_type(p)),
+                                             x, params0)
+    if rule.counted:
+        c = state0.count
+        if jnp.shape(c) != () or not jnp.issubdtype(jnp.result_type(c), jnp.integer):
+            raise ValueError(f"state0.count must be an integer scalar (steps already taken), "
+                             f"got {c!r}.")
+        if not isinstance(c, jax.core.Tracer) and int(c) < 0:
+            raise ValueError(f"state0.count={int(c)} must be >= 0.")
+        out["count"] = jnp.asarray(c, jnp.int32)
+    return out
+
+
+def _check_hyper(name: str, kind: str, schedule: _schedules.Schedule) -> None:
+    """Reject bad hyperparameter values now when they are known (not traced)."""
+    for a in _schedules.entries(schedule):
+        if isinstance(a, jax.core.Tracer):
+            continue
+        a = np.asarray(a, np.float64)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} contains non-finite values ({a[~np.isfinite(a)][:3]} ...). "
+                             f"Pass finite {name} values.")
+        if kind == _base.POSITIVE and np.any(a <= 0):
+            raise ValueError(f"{name} must be > 0, got {a[a <= 0].ravel()[:3].tolist()}. "
+                             f"Pass a positive {name} (e.g. 1e-8).")
+        if kind == _base.NONNEGATIVE and np.any(a < 0):
+            raise ValueError(f"{name} must be >= 0, got {a[a < 0].ravel()[:3].tolist()}. "
+                             f"Pass {name} >= 0 (0 turns it off).")
+
+
+def _check_decay(dec: _base.Decay, schedule: _schedules.Schedule) -> None:
+    for a in _schedules.entries(schedule):
+        if isinstance(a, jax.core.Tracer):
+            continue
+        bad = _grid.off_grid(a, dec.grid, dec.allow_one)
+        if np.any(bad):
+            vals = np.asarray(a, np.float64)[bad].ravel()[:3].tolist()
+            g = dec.grid
+            if dec.name == "momentum" and g == _grid.MOMENTUM:
+                raise ValueError(
+                    f"momentum must lie strictly inside (0, 1) (it is applied as n/65536 with "
+                    f"2 <= n <= 65535), got {vals}. Use e.g. 0.9, or a logit "
+                    "parameterisation to keep it inside.")
+            raise ValueError(
+                f"{dec.describe} must lie inside (0, 1) on its grid (it is applied as "
+                f"n/2^{g.bits} with {g.min_numerator} <= n <= {g.max_numerator}, i.e. in "
+                f"[{g.smallest():.6g}, {g.largest():.10g}]), got {vals}. "
+                + ("Lower lr * weight_decay." if len(dec.reads) > 1 else
+                   f"Use a value inside that range, or a logit parameterisation of {dec.name}."))
+
+
+def prepare(loss_fn, params0, hypers=None, *, optimizer=None, steps, state0=None, path_fn=None,
+            lr=None, momentum=None, v0=None) -> Prepared:
+    """Validate the arguments of `train` and build the `Problem` (shared with the checkers).
+    `lr`, `momentum`, `v0`: `sgd`'s spelling of optimizer=optim.momentum(lr, momentum) and
+    state0=MomentumState(v0)."""
+    if optimizer is None:
+        if lr is None and momentum is None:
+            raise ValueError(f"optimizer is required: pass e.g. optimizer=revlearn.optim."
+                             f"adam(1e-3) ({RULES}).")
+        optimizer = momentum_rule(lr, momentum)
+        state0 = state0 if v0 is None else MomentumState(v0)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn={loss_fn!r} is not callable: pass loss_fn(params, hypers, step).")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: steps must be a Python int >= 1 (it fixes the "
+                         "length of the compiled loop), e.g. steps=100.")
+    if not isinstance(optimizer, _base.Rule) and not is_optax(optimizer):
+        raise TypeError(f"optimizer={optimizer!r} is not an update rule: use {RULES} (or, with "
+                        "Unrolled/Checkpointed, an optax GradientTransformation).")
+    _check_params(params0)
+
+    if isinstance(optimizer, _base.Rule):
+        rule = optimizer
+        state = _check_state0(rule, state0, params0)
+        hyp = {}
+        for name, kind in rule.hyper_kinds.items():
+            hyp[name] = _schedules.normalise(name, getattr(rule, name), params0, steps)
+            _check_hyper(name, kind, hyp[name])
+        dec = {}
+        for d in rule.decays():
+            dec[d.name] = _schedules.combine(d.value, hyp, d.reads)
+            _check_decay(d, dec[d.name])
+    else:
+        state = optimizer.init(params0) if state0 is None else state0
+        hyp = dec = None
+
+    def objective(params, hypers, step):
+        loss = loss_fn(params, hypers, step)
+        if jnp.shape(loss) != ():
+            raise ValueError(f"loss_fn must return a scalar, got shape {jnp.shape(loss)}.")
+        path = path_fn(params, hypers, step) if path_fn is not None else jnp.zeros((), jnp.result_type(float))
+        if jnp.shape(path) != ():
+            raise ValueError(f"path_fn must return a scalar, got shape {jnp.shape(path)}.")
+        return loss, jnp.asarray(path, jnp.result_type(float))
+
+    converted, consts = jax.closure_convert(objective, params0, hypers, jnp.int32(0))
+    leaves, treedef = jax.tree_util.tree_flatten(params0)
+    problem = Problem(objective=converted, treedef=treedef,
+                      shapes=tuple(tuple(jnp.shape(l)) for l in leaves),
+                      dtypes=tuple(jnp.result_type(l) for l in leaves),
+                      steps=steps)
+    return Prepared(problem, optimizer, params0, state, (hypers, tuple(consts)), hyp, dec)

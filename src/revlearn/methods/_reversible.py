@@ -1,0 +1,633 @@
+"""Exact reversal of an update rule (Maclaurin et al. 2015, Algorithms 1-3, for any
+`revlearn.optim` rule).
+
+State: the weights W and each moment X (momentum's velocity, Adam's m and s)
+as int64 fixed point (`exact._fixed_point`), one packed array [nblocks, BLOCK]
+each for all params leaves (`exact._layout`), and per decay an information
+buffer (`exact._buffer`): x packed, and per leaf its bound, head and word
+stack. With Q_j(x) = round(x 2^(k + scale_j)), forward step t
+(g_t = grad_w L(w_t, theta, t)):
+
+    for each moment X_j, in order:
+        X_j <- X_j * d_j                  (exact: the lost bits go to decay d_j's buffer)
+        X_j <- X_j + Q_j(increment_j(g_t, moments so far))
+    W <- W * d_w                          (if the rule decays the weights, e.g. AdamW)
+    W <- W + Q(update(moments))
+
+e.g. momentum: V <- V gamma; V <- V - Q((1 - gamma) g); W <- W + Q(alpha v).
+Reverse step t, from (W_{t+1}, X_{t+1}) and the adjoints (dw, dX; d_theta
+and the hyperparameters' adjoints accumulated):
+
+    W <- (W - Q(update(moments))) / d_w   (= W_t exactly)
+    g_t = grad_w L(w_t, theta, t)         (recomputed, bit-identical)
+    (dw, dX, dg, dh) = VJP of the rule's float step at (w_t, moments_t, g_t, h_t)
+    (dw, d_theta) += VJP of (w, theta) -> grad_w L(w, theta, t) at dg
+    for each moment, in reverse order: X_j <- (X_j - Q_j(increment_j)) / d_j  (= X_j,t exactly)
+
+The adjoint of the step is JAX's VJP of `Rule.float_step` (so a new rule needs
+no hand-written adjoint), at the moments before the step recovered in float
+from the moments after it. A per-step meta-objective term l(w_t) adds its
+gradient in the same VJP. At the end the recovered W_0, X_0 and buffers must
+equal the initial ones bit-for-bit; anything else raises `ReversibleError`
+rather than return a wrong gradient. Memory: O(P) plus the buffers, about
+sum_j log2(1 / d_j) bits per weight per step.
+
+Cost. On CPU each array a step writes is one XLA kernel, so the packed layout
+makes each elementwise stage one kernel for the whole model, and the few
+intermediates that several kernels read (the buffer's decoded symbol, the
+packed gradient) are computed once (`_buffer._kept`, `_ones`). The forward
+step folds its checks into one bitwise-or reduction; the reverse step checks
+dw through a sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _faults, _schedules
+from .._problem import Prepared, Problem, decay_values, isolated, isolated_gradient, merge, split_inexact
+from ..exact import _buffer, _determinism, _fixed_point as fp, _grid
+from ..exact._layout import BLOCK, Layout
+
+
+class Forward(NamedTuple):
+    """End of the forward pass. W and the moments X (a tuple in the rule's order): packed
+    [nblocks, BLOCK] int64 (see `_layout`); per decay (a tuple in the rule's order) its
+    buffer's x (packed) and its bound, head and stack per params leaf; the codings."""
+
+    W: jax.Array
+    X: tuple
+    x: tuple
+    m: tuple
+    head: tuple
+    stacks: tuple
+    path: jax.Array
+    fault: _faults.Fault
+    W0: jax.Array
+    X0: tuple
+    coding: tuple                     # per decay, a Schedule of `_buffer.Coding`
+
+
+class Backward(NamedTuple):
+    """Adjoints d(w0), d(moments0) (lists of leaves, float64), d(theta_f), the adjoints of the
+    hyperparameters and decays (dicts of Schedules), and the recovered state."""
+
+    dw: list
+    dX: dict
+    dtheta: object
+    dh: dict
+    dd: dict
+    W: jax.Array
+    X: tuple
+    x: tuple
+    m: tuple
+    head: tuple
+    fault: _faults.Fault
+
+    def buffer_empty(self, rule) -> jax.Array:
+        """True iff every buffer is back at its initial state (every word popped, x and m restored)."""
+        out = jnp.ones((), bool)
+        for j, dec in enumerate(rule.decays()):
+            out &= _buffer.at_start(self.x[j], self.m[j], self.head[j], dec.grid)
+        return out
+
+
+def require_x64(where: str) -> None:
+    if jnp.zeros((), jnp.int64).dtype != jnp.int64:
+        raise RuntimeError(
+            f"{where} needs 64-bit integers for its fixed-point state, but JAX's 64-bit mode is "
+            "off. Call jax.config.update('jax_enable_x64', True) once at the start of your "
+            "program, before creating arrays (models may still compute in float32), or use "
+            "revlearn.Unrolled().")
+
+
+def _map_schedule(fn, s: _schedules.Schedule) -> _schedules.Schedule:
+    return _schedules.Schedule(tuple(None if a is None else fn(a) for a in s.constant),
+                               tuple(None if a is None else fn(a) for a in s.stepwise))
+
+
+def _codings(rule, decays: dict) -> tuple:
+    """Per decay, the buffer's tables per schedule entry (not per weight and step). Values
+    off the grid are clipped here and reported by `_faults.schedule_faults`."""
+    return tuple(_map_schedule(lambda a, g=dec.grid: _buffer.coding(_grid.numerators(a, g), g),
+                               decays[dec.name]) for dec in rule.decays())
+
+
+def _at_step(schedule: _schedules.Schedule, slices) -> list:
+    """Per leaf, the schedule's entry at this step (shape B_i, broadcastable to the leaf)."""
+    return [c if c is not None else s for c, s in zip(schedule.constant, slices)]
+
+
+def _any_bits(*conds) -> jax.Array:
+    """One pass over a leaf: bit j of the int32 result is set iff any(conds[j])."""
+    code = sum(c.astype(jnp.int32) << j for j, c in enumerate(conds))
+    return jax.lax.reduce(code, np.int32(0), jax.lax.bitwise_or, tuple(range(code.ndim)))
+
+
+def _ones(w: jax.Array) -> jax.Array:
+    """An array of 1.0 like the packed state that the compiler cannot prove constant
+    (see `_buffer._kept`): made from the packed initial weights `w`, and read by
+    the loops as a loop constant. Where w is not finite (a fault) it holds 2.0."""
+    return jnp.where(jnp.isfinite(w), 1.0, 2.0)
+
+
+def _scale(k: int) -> float:
+    return 2.0 ** k
+
+
+def gradient(method: "Reversible", problem: Problem, params, theta_f, theta_o, step, ct_fn=None):
+    """((grad_w L, path term), VJP or None, extra or None): the gradient at `step` as `method`
+    computes it in both passes; given `ct_fn` (the gradient -> ((ct_grad, ct_path), extra)),
+    also the VJP of (params, theta_f) -> (grad, path) at that cotangent, (d params,
+    d theta_f), as the reverse pass does.
+
+    Isolated (`isolate_gradient`): the gradient inside `_problem.isolated_gradient`'s
+    branch, with the cotangent and the VJP in it (`vjp_in_branch`) or beside it, where it
+    recomputes the loss; else all inline."""
+    f = lambda p, th: problem.gradient(p, merge(th, theta_o), step)
+    if method.isolate_gradient and (ct_fn is None or not method._vjp_in_branch()):
+        out = isolated_gradient(problem, params, theta_f, theta_o, step)
+        if ct_fn is None:
+            return out, None, None
+        ct, extra = ct_fn(out)
+        return out, jax.vjp(f, params, theta_f)[1](ct), extra
+    if method.isolate_gradient:
+        return isolated_gradient(problem, params, theta_f, theta_o, step, ct_fn)
+    if ct_fn is None:
+        return f(params, theta_f), None, None
+    out, vjp = jax.vjp(f, params, theta_f)
+    ct, extra = ct_fn(out)
+    return out, vjp(ct), extra
+
+
+def _params(problem: Problem, lay: Layout, W: jax.Array, k: int):
+    return problem.treedef.unflatten([l.astype(dt) for l, dt in
+                                      zip(lay.unpack(fp.to_float(W, k)), problem.dtypes)])
+
+
+def _entry_shapes(schedule: _schedules.Schedule) -> list:
+    return [np.shape(c) if c is not None else np.shape(s)[1:]
+            for c, s in zip(schedule.constant, schedule.stepwise)]
+
+
+def _spread_coding(lay: Layout, codes: list) -> _buffer.Coding:
+    return _buffer.Coding(*(lay.spread([getattr(c, f) for c in codes])
+                            for f in _buffer.Coding._fields))
+
+
+def empty_buffer(lay: Layout, decay: _schedules.Schedule, capacity: tuple, grid: _grid.Grid):
+    """x [nblocks, BLOCK], and per leaf m, head (shape () or [nb_i, BLOCK]) and stack."""
+    x = jnp.full(lay.shape, _buffer.x0(grid), jnp.int64)
+    m, head, stacks = [], [], []
+    for i, (entry, cap) in enumerate(zip(_entry_shapes(decay), capacity)):
+        shape = jnp.shape(lay.entry_rows(np.zeros(entry), i))    # the same choice as the steps'
+        m.append(jnp.full(shape, _buffer.m0(grid), jnp.int64))
+        head.append(jnp.zeros(shape, jnp.int32))
+        stacks.append(jnp.zeros((cap + 1, lay.rows[i], BLOCK), grid.word_dtype))
+    return x, tuple(m), tuple(head), tuple(stacks)
+
+
+class _Step(NamedTuple):
+    """A step's hyperparameters and decays: per name the per-leaf entries and their packed
+    spread (float64), and k (the step count, float64)."""
+
+    h_entries: dict
+    d_entries: dict
+    h: dict
+    d: dict
+    c: dict
+    k: jax.Array
+
+
+def _step_values(lay: Layout, hypers: dict, decays: dict, h_sl: dict, d_sl: dict, k) -> _Step:
+    he = {n: _at_step(hypers[n], h_sl[n]) for n in hypers}
+    de = {n: _at_step(decays[n], d_sl[n]) for n in decays}
+    h = {n: lay.spread(e, jnp.float64) for n, e in he.items()}
+    d = {n: lay.spread(e, jnp.float64) for n, e in de.items()}
+    return _Step(he, de, h, d, {n: 1.0 - v for n, v in d.items()}, k)
+
+
+def _update(rule, method, new: dict, sv: _Step, t, k: int):
+    """Q(update(moments)) int64 and whether it is in range: the weights' increment, computed
+    isolated (the same bits in both passes) when the rule asks for it (Adam's bias
+    corrections use pow)."""
+    def fn(ops):
+        new, h, d, c, kk = ops
+        return fp.round_checked(rule.update(new, h, d, c, kk) * _scale(k))
+    ops = (new, sv.h, sv.d, sv.c, sv.k)
+    return isolated(fn, t, ops) if rule.isolate_update else fn(ops)
+
+
+def _multiply(lay, X, x, m, head, stacks, codes, grid, ones):
+    """X * d exactly on the packed state, with the decay's buffer: (X, x, m, head, stacks, full)."""
+    spill_l, m_new = [], []
+    for i, (mi, c) in enumerate(zip(m, codes)):
+        spill_i, mi = _buffer.advance(mi, lay.entry_rows(c.inc, i), grid)
+        spill_l.append(spill_i)
+        m_new.append(mi)
+    X, x, word = _buffer.encode(X, x, lay.join(spill_l), _spread_coding(lay, codes), ones, grid)
+    stacks_new, head_new, full = [], [], jnp.zeros((), bool)
+    for i, (st, h, sp) in enumerate(zip(stacks, head, spill_l)):
+        st, h, f = _buffer.push(st, h, sp, lay.rows_of(word, i))
+        stacks_new.append(st)
+        head_new.append(h)
+        full |= f
+    return X, x, tuple(m_new), tuple(head_new), tuple(stacks_new), full
+
+
+def _divide(lay, X, x, m, head, stacks, codes, grid, ones):
+    """Exact inverse of `_multiply`: (X, x, m, head, ran empty)."""
+    spill_l, m_new, head_new, words = [], [], [], []
+    under = jnp.zeros((), bool)
+    for i, (mi, h, c) in enumerate(zip(m, head, codes)):
+        spill_i, mi = _buffer.retreat(mi, lay.entry_rows(c.inc, i), grid)
+        word, h, e = _buffer.pop(stacks[i], h, spill_i)
+        spill_l.append(spill_i)
+        m_new.append(mi)
+        head_new.append(h)
+        words.append(word)
+        under |= e
+    X, x = _buffer.decode(X, x, lay.join(spill_l), lay.join(words), _spread_coding(lay, codes),
+                          ones, grid)
+    return X, x, tuple(m_new), tuple(head_new), under
+
+
+def _xs(problem, hypers, decays, coding):
+    return (jnp.arange(problem.steps, dtype=jnp.int32), {n: s.stepwise for n, s in hypers.items()},
+            {n: s.stepwise for n, s in decays.items()}, tuple(c.stepwise for c in coding))
+
+
+def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dict, count0,
+            theta_f, theta_o, hypers: dict, decays: dict) -> Forward:
+    """Train `steps` steps in fixed point from the float leaves w0 and moments s0 (theta split
+    into float leaves `theta_f` and the others `theta_o`, see `_problem.split_inexact`);
+    `decays`: the decay schedules on their grids."""
+    problem, rule, k = p.problem, p.rule, method.frac_bits
+    lay = Layout.of(problem.shapes)
+    decs = rule.decays()
+    di = {d.name: j for j, d in enumerate(decs)}
+    fault = _faults.Fault.none()
+    w0 = lay.pack(w0, jnp.float64)
+    ones = _ones(w0)
+    W0, bad = fp.quantize(w0, k)
+    fault = fault.record(bad, _faults.WEIGHT_OVERFLOW, 0)
+    X0 = []
+    for j, mo in enumerate(rule.moments):
+        Xj, bad = fp.quantize(lay.pack(s0[mo.name], jnp.float64), k + mo.scale)
+        fault = fault.record(bad, _faults.STATE_OVERFLOW, 0, j)
+        if mo.nonnegative:
+            fault = fault.record(jnp.any(Xj < 0), _faults.NEGATIVE_STATE, 0, j)
+        X0.append(Xj)
+    fault = _faults.schedule_faults(fault, rule, hypers, decays, problem.steps)
+    coding = _codings(rule, decays)
+    wd = rule.weight_decay_name
+
+    def step(carry, xs):
+        W, X, x, m, head, stacks, path, fault = carry
+        t, h_sl, d_sl, code_sl = xs
+        x, m, head, stacks = list(x), list(m), list(head), list(stacks)
+        codes = [_at_step(coding[j], code_sl[j]) for j in range(len(decs))]
+        sv = _step_values(lay, hypers, decays, h_sl, d_sl, (count0 + t + 1).astype(jnp.float64))
+        (g_tree, path_t), _, _ = gradient(method, problem, _params(problem, lay, W, k), theta_f,
+                                          theta_o, t)
+        g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
+        new, X_new, conds, full = {}, [], [~jnp.isfinite(g)], [jnp.zeros((), bool)] * len(decs)
+        for j, mo in enumerate(rule.moments):
+            Xj = X[j]
+            if mo.decay is not None:
+                q = di[mo.decay]
+                Xj, x[q], m[q], head[q], stacks[q], full[q] = _multiply(
+                    lay, Xj, x[q], m[q], head[q], stacks[q], codes[q], decs[q].grid, ones)
+            dX, ok = fp.round_checked(rule.increment(mo.name, g, dict(new), sv.h, sv.d, sv.c, sv.k)
+                                      * _scale(k + mo.scale))
+            Xj = Xj + dX
+            conds.append(~ok | fp.out_of_range_mask(Xj))
+            new[mo.name] = fp.to_float(Xj, k + mo.scale)
+            X_new.append(Xj)
+        if wd is not None:
+            q = di[wd]
+            W, x[q], m[q], head[q], stacks[q], full[q] = _multiply(
+                lay, W, x[q], m[q], head[q], stacks[q], codes[q], decs[q].grid, ones)
+        dW, ok_w = _update(rule, method, new, sv, t, k)
+        W = W + dW
+        conds.append(~ok_w | fp.out_of_range_mask(W))
+        bits = _any_bits(*conds)
+        fault = fault.record((bits & 1) == 1, _faults.NONFINITE_GRADIENT, t)
+        for j in range(len(rule.moments)):
+            fault = fault.record((bits >> (j + 1)) & 1 == 1, _faults.STATE_OVERFLOW, t, j)
+        fault = fault.record((bits >> (len(rule.moments) + 1)) & 1 == 1, _faults.WEIGHT_OVERFLOW, t)
+        for q in range(len(decs)):
+            fault = fault.record(full[q], _faults.BUFFER_EXHAUSTED, t, q)
+        return (W, tuple(X_new), tuple(x), tuple(m), tuple(head), tuple(stacks), path + path_t,
+                fault), None
+
+    bufs = [empty_buffer(lay, decays[d.name], capacity[d.name], d.grid) for d in decs]
+    init = (W0, tuple(X0), tuple(b[0] for b in bufs), tuple(b[1] for b in bufs),
+            tuple(b[2] for b in bufs), tuple(b[3] for b in bufs), jnp.zeros((), jnp.float64), fault)
+    (W, X, x, m, head, stacks, path, fault), _ = jax.lax.scan(
+        step, init, _xs(problem, hypers, decays, coding))
+    return Forward(W, X, x, m, head, stacks, path, fault, W0, tuple(X0), coding)
+
+
+def _float_step_packed(rule, lay: Layout):
+    """The rule's float step on the packed state, with the hyperparameters and decays given
+    as per-leaf entries (so that the VJP returns their adjoints in the entries' shapes)."""
+    def f(w, moments, g, h_entries, d_entries, k):
+        h = {n: lay.spread(e, jnp.float64) for n, e in h_entries.items()}
+        d = {n: lay.spread(e, jnp.float64) for n, e in d_entries.items()}
+        return rule.float_step(w, moments, g, h, d, k)
+    return f
+
+
+def _before(rule, new: dict, g, sv: _Step) -> dict:
+    """The moments before a step, in float, from those after it and the gradient (for the
+    adjoint only; the exact state is recovered in fixed point)."""
+    prev = {}
+    for mo in reversed(rule.moments):
+        prefix = {m.name: new[m.name] for m in rule.moments[:rule.moments.index(mo)]}
+        x = new[mo.name] - rule.increment(mo.name, g, prefix, sv.h, sv.d, sv.c, sv.k)
+        prev[mo.name] = x / sv.d[mo.decay] if mo.decay is not None else x
+    return prev
+
+
+def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, hypers: dict,
+             decays: dict, count0, ct_w: list, ct_s: dict, ct_path) -> Backward:
+    """Run the training backwards from `fw`, accumulating the hypergradients."""
+    problem, rule, k = p.problem, p.rule, method.frac_bits
+    lay = Layout.of(problem.shapes)
+    decs = rule.decays()
+    di = {d.name: j for j, d in enumerate(decs)}
+    zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
+    wd = rule.weight_decay_name
+    step_f = _float_step_packed(rule, lay)
+    names = [mo.name for mo in rule.moments]
+
+    def step(carry, xs):
+        W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry
+        t, h_sl, d_sl, code_sl = xs
+        x, m, head = list(x), list(m), list(head)
+        codes = [_at_step(fw.coding[j], code_sl[j]) for j in range(len(decs))]
+        sv = _step_values(lay, hypers, decays, h_sl, d_sl, (count0 + t + 1).astype(jnp.float64))
+        new = {mo.name: fp.to_float(X[j], k + mo.scale) for j, mo in enumerate(rule.moments)}
+        W = W - _update(rule, method, new, sv, t, k)[0]
+        under = jnp.zeros((), bool)
+        if wd is not None:
+            q = di[wd]
+            W, x[q], m[q], head[q], e = _divide(lay, W, x[q], m[q], head[q], fw.stacks[q],
+                                                codes[q], decs[q].grid, ones)
+            under |= e
+        w_t = fp.to_float(W, k)
+        params = problem.treedef.unflatten([l.astype(dt) for l, dt in
+                                            zip(lay.unpack(w_t), problem.dtypes)])
+
+        def ct_fn(out):
+            g = lay.pack(jax.tree_util.tree_leaves(out[0]), jnp.float64)
+            prev = _before(rule, new, g, sv)
+            _, vjp = jax.vjp(lambda w, s, g, he, de: step_f(w, s, g, he, de, sv.k),
+                             w_t, prev, g, sv.h_entries, sv.d_entries)
+            dw_p, ds, dg, dhe, dde = vjp((dw, dict(zip(names, dX))))
+            ct = problem.treedef.unflatten([c.astype(dt) for c, dt in
+                                            zip(lay.unpack(dg), problem.dtypes)])
+            return (ct, jnp.asarray(ct_path, path_dtype)), (dw_p, ds, dhe, dde)
+
+        (g_tree, _), (hw, hth), (dw_p, ds, dhe, dde) = gradient(
+            method, problem, params, theta_f, theta_o, t, ct_fn)
+        g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
+        X = list(X)
+        for j in reversed(range(len(rule.moments))):
+            mo = rule.moments[j]
+            prefix = {mm.name: new[mm.name] for mm in rule.moments[:j]}
+            dXj, _ = fp.round_checked(rule.increment(mo.name, g, prefix, sv.h, sv.d, sv.c, sv.k)
+                                      * _scale(k + mo.scale))
+            X[j] = X[j] - dXj
+            if mo.decay is not None:
+                q = di[mo.decay]
+                X[j], x[q], m[q], head[q], e = _divide(lay, X[j], x[q], m[q], head[q],
+                                                       fw.stacks[q], codes[q], decs[q].grid, ones)
+                under |= e
+        dw = dw_p + lay.pack(jax.tree_util.tree_leaves(hw), jnp.float64)
+        dX = tuple(ds[n] for n in names)
+        dth = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), dth, hth)
+        fault = fault.record(under, _faults.BUFFER_UNDERFLOW, t)
+        # every weight's dw enters the sum, so it tells whether this step's VJP left dw
+        # non-finite
+        fault = fault.record(~jnp.isfinite(jnp.sum(dw)), _faults.NONFINITE_COTANGENT, t)
+        dh_c = {n: tuple(None if c is None else a + e.astype(a.dtype) for c, a, e in
+                         zip(hypers[n].constant, dh_c[n], dhe[n])) for n in hypers}
+        dd_c = {n: tuple(None if c is None else a + e.astype(a.dtype) for c, a, e in
+                         zip(decays[n].constant, dd_c[n], dde[n])) for n in decays}
+        ys = ({n: tuple(None if s is None else e.astype(s.dtype) for s, e in
+                        zip(hypers[n].stepwise, dhe[n])) for n in hypers},
+              {n: tuple(None if s is None else e.astype(s.dtype) for s, e in
+                        zip(decays[n].stepwise, dde[n])) for n in decays})
+        return (W, tuple(X), tuple(x), tuple(m), tuple(head), dw, dX, dth, dh_c, dd_c, fault), ys
+
+    path_dtype = jax.eval_shape(lambda pp: problem.gradient(pp, merge(theta_f, theta_o), jnp.int32(0)),
+                                _params(problem, lay, fw.W, k))[1].dtype
+    ones = _ones(fp.to_float(fw.W0, k))
+    ct = lay.pack([jnp.asarray(c, jnp.float64) for c in ct_w])
+    dX0 = tuple(lay.pack([jnp.asarray(c, jnp.float64) for c in ct_s[n]]) for n in names)
+    init = (fw.W, fw.X, fw.x, fw.m, fw.head, ct, dX0, zeros(theta_f),
+            {n: zeros(s.constant) for n, s in hypers.items()},
+            {n: zeros(s.constant) for n, s in decays.items()}, _faults.Fault.none())
+    carry, (dh_s, dd_s) = jax.lax.scan(step, init, _xs(problem, hypers, decays, fw.coding),
+                                       reverse=True)
+    W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry
+    fault = fault.record(~jnp.all(jnp.isfinite(dw)), _faults.NONFINITE_COTANGENT, 0)
+    exact = jnp.all(W == fw.W0)
+    for a, b in zip(X, fw.X0):
+        exact &= jnp.all(a == b)
+    for j, dec in enumerate(decs):
+        exact &= _buffer.at_start(x[j], m[j], head[j], dec.grid)
+    fault = fault.record(~exact, _faults.REVERSAL_DRIFT, 0)
+    dh = {n: _schedules.Schedule(dh_c[n], dh_s[n]) for n in hypers}
+    dd = {n: _schedules.Schedule(dd_c[n], dd_s[n]) for n in decays}
+    return Backward(lay.unpack(dw), {n: lay.unpack(a) for n, a in zip(names, dX)}, dth, dh, dd,
+                    W, X, x, m, head, fault)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reversible:
+    """Exact reversal in fixed point with an information buffer per decay.
+
+    Args:
+      frac_bits: fractional bits k of the weights' fixed point (and of the moments', plus
+        each moment's `scale`, e.g. 2 for Adam's s); weights must stay within
+        |w| < 2^(62 - k) (1024 for the default 52).
+      min_decay: lower bounds on decays that are traced (under `jax.grad` w.r.t. them, or
+        `jax.jit` with them as arguments), used to size their buffers: a number for every
+        decay, or a dict by decay name (momentum: "momentum"; Adam: "b1", "b2",
+        "decoupled_decay" for 1 - lr * weight_decay; RMSProp: "decay", "momentum"). A
+        decay whose values are concrete is sized from them and needs no bound.
+      min_momentum: `min_decay={"momentum": min_momentum}` (revlearn 0.1's spelling).
+      extra_words: slack words per weight on top of the size the schedule needs (that
+        size is exact, so 0 suffices).
+      isolate_gradient: compute grad_w L in both passes as an isolated computation (the
+        branch of a `lax.cond`, see `_problem.isolated_gradient`), so the compiler cannot
+        fuse it with its neighbours differently backwards (e.g. contract a*b + c into an
+        FMA in one pass only), which would break the reversal. With False both passes
+        inline the plain gradient and its VJP. Drift is always detected and raised, never
+        returned.
+      vjp_in_branch: with `isolate_gradient`, apply the gradient's VJP (the Hessian-vector
+        product) inside the reverse pass's isolated branch (True), or beside it (False: the
+        branch is then the forward pass's computation exactly, and the VJP recomputes the
+        loss's forward and backward pass, one more gradient's work per step). None
+        (default): True on CPU, False on GPU and other accelerators (on a GPU the gradient
+        compiled beside its VJP rounded differently from the forward pass's; see
+        `benchmarks/results/exactness_gpu.md`). Convolutions on GPU also need
+        XLA_FLAGS=--xla_gpu_deterministic_ops=true.
+
+    Memory per weight: W, each moment, each decay's x and the loops' array of ones (8 bytes
+    each, each leaf padded to whole rows of 64), plus the words, sum_t log2(1/d_t) /
+    word_bits per decay.
+    """
+
+    frac_bits: int = 52
+    min_momentum: float | None = None
+    extra_words: int = 0
+    isolate_gradient: bool = True
+    vjp_in_branch: bool | None = None
+    min_decay: float | dict | None = None
+
+    def __post_init__(self):
+        if isinstance(self.frac_bits, bool) or not isinstance(self.frac_bits, int) \
+                or not 8 <= self.frac_bits <= 60:
+            raise ValueError(f"Reversible(frac_bits={self.frac_bits!r}): frac_bits must be an "
+                             "integer in [8, 60] (52 gives range |x| < 1024 and step 2^-52).")
+        if self.min_momentum is not None and not (0 < float(self.min_momentum) < 1):
+            raise ValueError(f"Reversible(min_momentum={self.min_momentum!r}): must lie in (0, 1).")
+        bounds = (self.min_decay.values() if isinstance(self.min_decay, dict)
+                  else [] if self.min_decay is None else [self.min_decay])
+        for b in bounds:
+            if not isinstance(b, (int, float)) or not 0 < float(b) < 1:
+                raise ValueError(f"Reversible(min_decay={self.min_decay!r}): every bound must be a "
+                                 "number in (0, 1), e.g. min_decay=0.5 or {'b1': 0.5}.")
+        if isinstance(self.extra_words, bool) or not isinstance(self.extra_words, int) \
+                or self.extra_words < 0:
+            raise ValueError(f"Reversible(extra_words={self.extra_words!r}): must be an integer >= 0.")
+        if not isinstance(self.isolate_gradient, bool):
+            raise ValueError(f"Reversible(isolate_gradient={self.isolate_gradient!r}): must be True "
+                             "or False.")
+        if self.vjp_in_branch is not None and not isinstance(self.vjp_in_branch, bool):
+            raise ValueError(f"Reversible(vjp_in_branch={self.vjp_in_branch!r}): must be True, "
+                             "False or None (None: True on CPU, False on accelerators).")
+
+    def _vjp_in_branch(self) -> bool:
+        """Whether the reverse pass applies the VJP inside the isolated branch (see the field)."""
+        if self.vjp_in_branch is not None:
+            return bool(self.vjp_in_branch)
+        return jax.default_backend() == "cpu"
+
+    def bound(self, decay: str):
+        """The declared lower bound of a decay, or None."""
+        if isinstance(self.min_decay, dict) and decay in self.min_decay:
+            return float(self.min_decay[decay])
+        if decay == "momentum" and self.min_momentum is not None:
+            return float(self.min_momentum)
+        if isinstance(self.min_decay, (int, float)) and not isinstance(self.min_decay, bool):
+            return float(self.min_decay)
+        return None
+
+    def capacity(self, p: Prepared) -> dict:
+        """Static stack rows (words per weight) per decay, one number per params leaf."""
+        steps, out = p.problem.steps, {}
+        for dec in p.rule.decays():
+            sched, g, bound = p.decays[dec.name], dec.grid, self.bound(dec.name)
+            if bound is not None:
+                n = max(g.min_numerator, round(bound * g.denominator))
+                total = steps * int(_buffer.increments_np(n, g))
+                out[dec.name] = tuple(_buffer.capacity_words(total, g) + self.extra_words
+                                      for _ in sched.constant)
+                continue
+            if not _schedules.is_concrete(sched):
+                hint = ("revlearn.Reversible(min_momentum=0.5)" if dec.name == "momentum"
+                        and p.rule.name == "momentum" else
+                        f"revlearn.Reversible(min_decay={{'{dec.name}': 0.999}}) (which covers "
+                        "lr * weight_decay <= 1e-3)" if dec.allow_one else
+                        f"revlearn.Reversible(min_decay={{'{dec.name}': 0.5}})")
+                raise ValueError(
+                    f"Reversible() cannot size the information buffer of {dec.describe or dec.name}: "
+                    "it is traced (under jax.grad/jax.jit/jax.vmap), so its values are unknown "
+                    "when the program is built. Pass a lower bound on every value it takes, e.g. "
+                    f"{hint}.")
+            caps = []
+            for c, s in zip(sched.constant, sched.stepwise):
+                if c is not None:
+                    inc = _buffer.increments_np(_grid.numerators_np(c, g), g)
+                    total = steps * int(np.max(inc, initial=0))       # an empty leaf needs none
+                else:
+                    inc = _buffer.increments_np(_grid.numerators_np(s, g), g)
+                    total = int(np.sum(inc.reshape(steps, -1).max(axis=1, initial=0)))
+                caps.append(_buffer.capacity_words(total, g) + self.extra_words)
+            out[dec.name] = tuple(caps)
+        return out
+
+    def info(self, p: Prepared, capacity: dict) -> dict:
+        """What fault messages need: frac_bits, names, capacities and bounds per decay."""
+        return dict(frac_bits=self.frac_bits, names=_faults.names(p.rule, self.frac_bits),
+                    capacity={n: max(c, default=0) for n, c in capacity.items()},
+                    bounds={d.name: (self.bound(d.name) if self.bound(d.name) is not None
+                                     else "its values") for d in p.rule.decays()})
+
+    def solve(self, p: Prepared):
+        """Train; returns (w_T, state_T, path sum), differentiable by exact reversal."""
+        require_x64("revlearn.Reversible")
+        if p.rule is None:
+            raise TypeError("Reversible() needs a revlearn.optim rule (got an optax transform).")
+        rule, problem = p.rule, p.problem
+        capacity = self.capacity(p)
+        theta_f, theta_o = split_inexact(p.theta)
+        where = f"revlearn.train(optimizer=optim.{rule.name}, method=Reversible())"
+        _determinism.warn_if_nondeterministic(problem, p.params0, p.theta, where)
+        info = self.info(p, capacity)
+        lay = Layout.of(problem.shapes)
+        names = [mo.name for mo in rule.moments]
+        count0 = p.state0.get("count", jnp.int32(0))
+
+        def final(fw):
+            k = self.frac_bits
+            unpack = lambda X, kk: [a.astype(dt) for a, dt in
+                                    zip(lay.unpack(fp.to_float(X, kk)), problem.dtypes)]
+            return unpack(fw.W, k), {n: unpack(X, k + mo.scale)
+                                     for n, X, mo in zip(names, fw.X, rule.moments)}
+
+        def fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays):
+            fw = forward(p, self, capacity, w0, s0, count0, theta_f, theta_o, hypers, decays)
+            _faults.raise_if_fault(fw.fault, where, **info)
+            return fw
+
+        @jax.custom_vjp
+        def run(w0, s0, count0, theta_f, theta_o, hypers, decays):
+            fw = fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays)
+            return final(fw) + (fw.path,)
+
+        def run_fwd(w0, s0, count0, theta_f, theta_o, hypers, decays):
+            fw = fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays)
+            return final(fw) + (fw.path,), (fw, count0, theta_f, theta_o, hypers, decays)
+
+        def run_bwd(res, cts):
+            fw, count0, theta_f, theta_o, hypers, decays = res
+            ct_w, ct_s, ct_path = cts
+            bw = backward(p, self, fw, theta_f, theta_o, hypers, decays, count0, ct_w, ct_s, ct_path)
+            _faults.raise_if_fault(bw.fault, where + " (reverse pass)", **info)
+            float0 = lambda tree: jax.tree_util.tree_map(
+                lambda x: np.zeros(np.shape(x), jax.dtypes.float0), tree)
+            dw0 = [d.astype(dt) for d, dt in zip(bw.dw, problem.dtypes)]
+            ds0 = {n: [d.astype(dt) for d, dt in zip(bw.dX[n], problem.dtypes)] for n in names}
+            return dw0, ds0, float0(count0), bw.dtheta, float0(theta_o), bw.dh, bw.dd
+
+        run.defvjp(run_fwd, run_bwd)
+        leaves = lambda tree: [jnp.asarray(l) for l in jax.tree_util.tree_leaves(tree)]
+        s0 = {n: leaves(p.state0[n]) for n in names}
+        wT, sT, path = run(leaves(p.params0), s0, count0, theta_f, theta_o, p.hypers,
+                           decay_values(p))
+        state = {n: problem.treedef.unflatten(sT[n]) for n in names}
+        if rule.counted:
+            state["count"] = count0 + problem.steps
+        return problem.treedef.unflatten(wT), rule.State(**state), path

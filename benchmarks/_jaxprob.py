@@ -1,4 +1,4 @@
-"""The JAX side of the benchmark problems: a tanh MLP trained by `revlearn.sgd`.
+"""The JAX side of the benchmark problems: a tanh MLP trained by `revlearn.train`.
 
 Loss at step t: mean NLL of minibatch (t mod n_batches) + sum_i l2_i w_i^2
 (per-weight L2). Meta-objective: mean NLL on a validation set at w_T.
@@ -34,8 +34,10 @@ def nll(logits, y):
     return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
 
 
-def method_of(name: str, T: int):
+def method_of(name: str, T: int, optimizer: str = "momentum"):
     if name == "reversible":
+        if optimizer == "adam":
+            return revlearn.Reversible(min_decay={"b1": 0.9})
         return revlearn.Reversible(min_momentum=0.9)
     if name == "unrolled":
         return revlearn.Unrolled()

@@ -1,21 +1,25 @@
-"""Core benchmark: cost of one hypergradient by each revlearn method.
+"""Core benchmark: cost of one hypergradient by each revlearn method, for a given update rule.
 
 Problem: 784-50-50-50-10 tanh MLP, float64, minibatch 200 of 10,000 synthetic
-MNIST-sized examples, momentum 0.9, per-layer per-step learning rates, a
-per-weight L2 hyperparameter, meta-objective the validation NLL at w_T. The
-hypergradient is jit(grad) w.r.t. (params0, lr schedules, momentum, L2).
+MNIST-sized examples, per-layer per-step learning rates, a per-weight L2
+hyperparameter, meta-objective the validation NLL at w_T. Inner optimiser
+(`--optimizer`): momentum 0.9 with lr 0.05 (the default), or Adam (b1 0.9,
+b2 0.999, eps 1e-8) with lr 1e-3. The hypergradient is jit(grad) w.r.t.
+(params0, lr schedules, momentum or b1, L2).
 
 For each T and method, one fresh child process compiles (warm-up excluded),
 then alternates runs of the hypergradient and of plain training
-(`revlearn.sgd(..., method=Unrolled())` without grad, same model and steps)
-and reports the ratio of the medians, plus its own peak RSS. A separate child
-that only imports JAX and builds the data gives the baseline RSS.
+(`revlearn.train(..., method=Unrolled())` without grad, same model, rule and
+steps) and reports the ratio of the medians, plus its own peak RSS. A
+separate child that only imports JAX and builds the data gives the baseline
+RSS.
 
 Usage:
     python benchmarks/core.py              # T in 100, 1000, 10000 + the large run
     python benchmarks/core.py --quick      # T in 100, 1000, no large run
     python benchmarks/core.py --steps 100 300 --no-large
     python benchmarks/core.py --steps 1000 10000 --no-cells --no-large --xla-memory   # XLA buffer plans only
+    python benchmarks/core.py --optimizer adam --steps 100 1000 --no-large --name core_adam
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ BATCH = 200
 N_TRAIN = 10_000
 LR = 0.05
 MOMENTUM = 0.9
+ADAM_LR = 1e-3
+B1, B2, EPS = 0.9, 0.999, 1e-8
 L2 = 1e-4
 LARGE_SIZES = [784, 1000, 200, 10]
 LARGE_BATCH = 10
@@ -46,20 +52,30 @@ GIB = 2**30
 
 # ============================================================================ child
 
-def _setup(sizes, batch, T):
+def rule(optimizer: str, lr, decay):
+    """The inner optimiser with the differentiated hyperparameters lr and decay (momentum, b1)."""
+    import revlearn
+    if optimizer == "adam":
+        return revlearn.optim.adam(lr, b1=decay, b2=B2, eps=EPS)
+    return revlearn.optim.momentum(lr, decay)
+
+
+def _setup(sizes, batch, T, optimizer="momentum"):
     import jax
     import jax.numpy as jnp
     import revlearn
     from _jaxprob import Problem, method_of
 
     P = Problem(sizes, batch, N_TRAIN)
-    lr = [jnp.full((T,), LR) for _ in P.params0]            # per layer, per step
+    lr0 = ADAM_LR if optimizer == "adam" else LR
+    lr = [jnp.full((T,), lr0) for _ in P.params0]            # per layer, per step
     l2 = jax.tree_util.tree_map(lambda w: jnp.full(w.shape, L2), P.params0)
-    mom = jnp.asarray(MOMENTUM)
+    mom = jnp.asarray(B1 if optimizer == "adam" else MOMENTUM)
 
     def train(method):
         def f(p0, lr, mom, l2):
-            return revlearn.sgd(P.loss_fn, p0, {"l2": l2}, lr=lr, momentum=mom, steps=T, method=method)
+            return revlearn.train(P.loss_fn, p0, {"l2": l2}, optimizer=rule(optimizer, lr, mom),
+                                  steps=T, method=method)
         return f
 
     def hyper(method):
@@ -84,13 +100,14 @@ def child(spec: dict) -> None:
         return
 
     T, sizes, batch, reps = spec["T"], spec["sizes"], spec["batch"], spec["reps"]
-    P, args, train, hyper, method_of = _setup(sizes, batch, T)
+    optimizer = spec.get("optimizer", "momentum")
+    P, args, train, hyper, method_of = _setup(sizes, batch, T, optimizer)
     jax.block_until_ready(P.X)
     out = {"kind": kind, "T": T, "sizes": sizes, "batch": batch, "P": num_weights(sizes),
            "rss_after_setup_mib": peak_rss_mib()}
     block = jax.block_until_ready
     name = spec["method"]
-    method = method_of(name, T)
+    method = method_of(name, T, optimizer)
 
     if kind == "xla_memory":                               # XLA's own buffer plan for the hypergradient
         t0 = time.perf_counter()
@@ -112,7 +129,7 @@ def child(spec: dict) -> None:
         emit(out)
         return
 
-    plain = jax.jit(train(method_of("unrolled", T)))
+    plain = jax.jit(train(method_of("unrolled", T, optimizer)))
     hg = hyper(method)
     t0 = time.perf_counter()
     block(plain(*args))
@@ -134,26 +151,34 @@ def child(spec: dict) -> None:
         # plain training and the hypergradient (interleaved, one run each per round), so the
         # machine's load drifts equally into all of them.
         import revlearn
-        from revlearn import _buffer
         from revlearn._problem import split_inexact
-        from revlearn._reversible import gradient
-        from revlearn._sgd import prepare
+        from revlearn._train import prepare
+        from revlearn.exact import _buffer, _grid
+        from revlearn.methods._reversible import gradient
 
         fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + buffer)
 
-        # buffer ops alone: T steps of V <- V*gamma on every params leaf (one momentum per leaf)
+        # buffer ops alone: T steps of X <- X*d for each decay of the rule on every params leaf
+        # (one value per leaf)
         shapes = [np.shape(l) for l in jax.tree_util.tree_leaves(P.params0)]
-        coding = _buffer.coding(jnp.int64(round(MOMENTUM * 65536)))
-        cap = _buffer.capacity_words(T * int(_buffer.increments_np(round(MOMENTUM * 65536))))
+        decays = ([(MOMENTUM, _grid.MOMENTUM)] if optimizer == "momentum"
+                  else [(B1, _grid.FINE), (B2, _grid.FINE)])
 
         @jax.jit
         def buf_only(Vs):
-            def step(c, _):
-                out = [_buffer.multiply(V, coding, b) for V, b in zip(*c)]
-                return ([o[0] for o in out], [o[1] for o in out]), None
-            (Vs, bufs), _ = jax.lax.scan(step, (Vs, [_buffer.empty(s, (), cap) for s in shapes]),
-                                         None, length=T)
-            return Vs, [b.head for b in bufs]
+            heads = []
+            for value, g in decays:
+                n = round(value * g.denominator)
+                coding = _buffer.coding(jnp.int64(n), g)
+                cap = _buffer.capacity_words(T * int(_buffer.increments_np(n, g)), g)
+
+                def step(c, _, coding=coding, g=g):
+                    out = [_buffer.multiply(V, coding, b, g) for V, b in zip(*c)]
+                    return ([o[0] for o in out], [o[1] for o in out]), None
+                (Vs, bufs), _ = jax.lax.scan(
+                    step, (Vs, [_buffer.empty(s, (), cap, g) for s in shapes]), None, length=T)
+                heads += [b.head for b in bufs]
+            return Vs, heads
 
         rng = np.random.default_rng(0)
         V0 = [jnp.asarray(rng.integers(-2**50, 2**50, s), jnp.int64) for s in shapes]
@@ -169,8 +194,8 @@ def child(spec: dict) -> None:
 
             def step(c, t):
                 w, dw, dth = c
-                (g, _), vjp_out = gradient(how, p.problem, w, thf, tho, t,
-                                           (dw, jnp.zeros(())) if vjp else None)
+                (g, _), vjp_out, _ = gradient(how, p.problem, w, thf, tho, t,
+                                              (lambda out: ((dw, jnp.zeros(())), None)) if vjp else None)
                 if vjp:
                     hw, hth = vjp_out
                     dw = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 1e-3 * b, dw, hw)
@@ -214,14 +239,14 @@ def child(spec: dict) -> None:
 
         bu_fn = getattr(revlearn, "buffer_usage", None)
         if bu_fn is not None:
-            bu = bu_fn(P.loss_fn, P.params0, {"l2": args[3]}, lr=args[1], momentum=MOMENTUM, steps=T,
-                       method=method)
+            bu = bu_fn(P.loss_fn, P.params0, {"l2": args[3]}, steps=T, method=method,
+                       optimizer=rule(optimizer, args[1], float(args[2])))
             out["buffer"] = {"bits_per_weight_per_step": bu.bits_per_weight_per_step,
                              "ideal": bu.ideal_bits_per_weight_per_step, "ratio": bu.ratio,
                              "capacity_words": bu.capacity_words, "max_words_used": bu.max_words_used,
+                             "per_decay": [list(x) for x in bu.per_decay],
                              "via": "revlearn.buffer_usage"}
         else:
-            from revlearn import _reversible
             out["buffer"] = {"error": "revlearn.buffer_usage not available"}
     emit(out)
 
@@ -246,6 +271,8 @@ def main(argv=None):
     ap.add_argument("--no-cells", action="store_true", help="skip the timed cells (e.g. with --xla-memory)")
     ap.add_argument("--xla-memory", action="store_true",
                     help="also report XLA's buffer plan (temp bytes) of each hypergradient program")
+    ap.add_argument("--optimizer", choices=["momentum", "adam"], default="momentum",
+                    help="inner optimiser (default momentum, the paper's)")
     ap.add_argument("--name", help="results file stem (default core, or core_quick with --quick)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -265,7 +292,8 @@ def main(argv=None):
     measured_unrolled = None
     for T in ([] if a.no_cells else sorted(steps)):
         for m in METHODS:
-            spec = {"kind": "cell", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": a.reps}
+            spec = {"kind": "cell", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": a.reps,
+                    "optimizer": a.optimizer}
             if m == "unrolled" and measured_unrolled is not None:
                 est = unrolled_estimate_gib(measured_unrolled, T, base_mib)
                 if est > a.mem_limit_gib:
@@ -285,7 +313,8 @@ def main(argv=None):
     if a.xla_memory:
         for T in sorted(steps):
             for m in METHODS:
-                spec = {"kind": "xla_memory", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": 1}
+                spec = {"kind": "xla_memory", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": 1,
+                        "optimizer": a.optimizer}
                 xla.append({**spec, **run_child(me, spec, 3000)})
                 print("xla", xla[-1], flush=True)
 
@@ -293,23 +322,27 @@ def main(argv=None):
     if large:
         P = num_weights(LARGE_SIZES)
         spec = {"kind": "large", "method": "reversible", "T": a.large_steps, "sizes": LARGE_SIZES,
-                "batch": LARGE_BATCH, "reps": 1}
+                "batch": LARGE_BATCH, "reps": 1, "optimizer": a.optimizer}
         large_r = {**spec, **run_child(me, spec, 5400)}
         # Unrolled would store, per step, at least w and v (2 x 8 bytes per weight) plus the
         # gradient residuals (tanh activations, minibatch); count just w and v: a lower bound.
         large_r["unrolled_lower_bound_gib"] = a.large_steps * P * 16 / GIB
         print("large", large_r, flush=True)
 
-    md = render(info, base, cells, large_r, xla)
+    md = render(info, base, cells, large_r, xla, a.optimizer)
     print(md)
     paths = save(a.name or ("core" + ("_quick" if a.quick else "")), md,
                  {"machine": info, "baseline": base, "cells": cells, "large": large_r, "xla_memory": xla,
-                  "config": {"sizes": SIZES, "batch": BATCH, "n_train": N_TRAIN, "lr": LR,
-                             "momentum": MOMENTUM, "l2": L2, "reps": a.reps}})
+                  "config": {"sizes": SIZES, "batch": BATCH, "n_train": N_TRAIN, "optimizer": a.optimizer,
+                             "lr": ADAM_LR if a.optimizer == "adam" else LR,
+                             "momentum": MOMENTUM, "b1": B1, "b2": B2, "eps": EPS, "l2": L2, "reps": a.reps}})
     print("wrote", *paths)
 
 
-def render(info, base, cells, large_r, xla=()) -> str:
+def render(info, base, cells, large_r, xla=(), optimizer="momentum") -> str:
+    inner = (f"Adam (b1 {B1}, b2 {B2}, eps {EPS}), per-layer per-step lr {ADAM_LR}"
+             if optimizer == "adam" else f"momentum {MOMENTUM}, per-layer per-step lr {LR}")
+    wrt = "b1" if optimizer == "adam" else "momentum"
     L = [f"# revlearn core benchmark ({info['date']})", "",
          f"Machine: {info.get('cpu', '?')}, {info['cores']} cores, {info.get('ram_gib', '?')} GiB RAM; "
          f"load average at start {info.get('loadavg_at_start')}; "
@@ -317,9 +350,9 @@ def render(info, base, cells, large_r, xla=()) -> str:
          f"JAX device {info.get('jax_device', '?')}. "
          "The cores are shared with other work, so timings carry noise.", "",
          f"Problem: {'-'.join(map(str, SIZES))} tanh MLP ({num_weights(SIZES):,} weights), float64, batch {BATCH}, "
-         f"momentum {MOMENTUM}, per-layer per-step lr {LR}, per-weight L2 {L2}; hypergradient = "
-         "jit(grad) of the validation NLL w.r.t. (params0, lr, momentum, L2). Plain training = "
-         "jit of `revlearn.sgd(..., method=Unrolled())` without grad. Times are medians of "
+         f"{inner}, per-weight L2 {L2}; hypergradient = "
+         f"jit(grad) of the validation NLL w.r.t. (params0, lr, {wrt}, L2). Plain training = "
+         "jit of `revlearn.train(..., method=Unrolled())` without grad. Times are medians of "
          "interleaved runs after a warm-up run (compilation excluded).", "",
          f"Baseline RSS (child that imports JAX and builds the data): "
          f"{fmt(base.get('peak_rss_mib'), '.0f')} MiB."]
@@ -344,7 +377,7 @@ def render(info, base, cells, large_r, xla=()) -> str:
             elif r and u:
                 L.append(f"- T={T}: Unrolled not run ({u.get('skipped') or u.get('error')})")
         L += ["", "Buffer size (Reversible forward pass, `revlearn.buffer_usage`):", "",
-              "| T | bits / weight / step | minimum mean_t log2(1/gamma_t) | ratio | capacity words | max words used |",
+              "| T | bits / weight / step | minimum mean_t sum_decays log2(1/d_t) | ratio | capacity words | max words used |",
               "|---:|---:|---:|---:|---:|---:|"]
         for c in cells:
             b = c.get("buffer")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _faults
+from . import _faults, optim
 from ._problem import decay_values, merge, split_inexact
 from ._train import prepare, train
 from .exact import _buffer, _determinism, _grid
@@ -104,8 +104,8 @@ def check_reversal(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=N
                                   {n: zero for n in names}, 0.0)
         err = jnp.max(jnp.abs(bw.W - fw.W0), initial=0)
         state = jnp.ones((), bool)
-        for a, b in zip(bw.X, fw.X0):
-            state &= jnp.all(a == b)
+        for mo, a, b in zip(p.rule.moments, bw.X, fw.X0):
+            state &= _reversible._equal(mo, a, b)
         return (fw.fault, bw.fault, jnp.all(bw.W == fw.W0), state, bw.buffer_empty(p.rule), err)
 
     f_fault, b_fault, w, s, b, err = roundtrip(*args)
@@ -245,9 +245,10 @@ def check_hypergradients(loss_fn: Callable, meta_fn: Callable, params0: Any, hyp
     """Compare d meta_fn(train(...)) / d(params0, hypers, each rule hyperparameter) three ways.
 
     `meta_fn(params_T) -> scalar`, e.g. the validation loss. Finite differences
-    are central, along one random unit direction per argument (for a decay along
-    the all-ones direction with a step of whole units of its grid, since decays
-    are applied rounded to it). Tolerances default to 1e-6 / 1e-4 in float64 and
+    are central, along one random unit direction per argument (a step of `fd_step`,
+    relative to the value for the rule's hyperparameters; for a decay along the
+    all-ones direction with a step of whole units of its grid, since decays are
+    applied rounded to it). Tolerances default to 1e-6 / 1e-4 in float64 and
     1e-3 / 3e-2 when params0 is float32. A weight decay that is the Python number 0
     (off) is not differentiated.
     """
@@ -311,13 +312,19 @@ def check_hypergradients(loss_fn: Callable, meta_fn: Callable, params0: Any, hyp
         leaves, tdef = jax.tree_util.tree_flatten(flat_args[i])
         if name in grid_of:
             u = [np.ones(np.shape(l)) for l in leaves]
-            step = units / grid_of[name].denominator * (1 if grid_of[name].bits == 16 else 256)
+            step = units / grid_of[name].denominator * (16 if grid_of[name].bits > 16 and f32 else 1)
         else:
             ks = jax.random.split(keys[i], len(leaves))
             u = [np.asarray(jax.random.normal(k, np.shape(l)), np.float64) for k, l in zip(ks, leaves)]
             nrm = math.sqrt(sum(float(np.sum(x * x)) for x in u))
             u = [x / nrm for x in u]
             step = h
+            if name in rule.hyper_kinds:
+                # relative to the value (eps = 1e-8 must stay positive; an lr of 1e-3 needs a
+                # step well below it): h of its size, 100 h for eps and weight decay
+                size = max(float(np.max(np.abs(np.asarray(l, np.float64)), initial=0)) for l in leaves)
+                kind = rule.hyper_kinds[name]
+                step = (100 if kind in ("positive", "nonnegative") else 1) * h * (size or 1.0)
         u_tree = jax.tree_util.tree_unflatten(tdef, u)
         shift = lambda s: jax.tree_util.tree_unflatten(
             tdef, [jnp.asarray(np.asarray(l, np.float64) + s * x, jnp.result_type(l))
@@ -367,21 +374,29 @@ def self_check(steps: int = 30) -> SelfCheck:
     def meta_fn(p):
         return -jnp.mean(jnp.sum(apply(p, xv.astype(p["w1"].dtype)) * yv.astype(p["w1"].dtype), -1))
 
-    for dtype in (jnp.float64, jnp.float32):
-        p0 = {"w1": (0.3 * jax.random.normal(kw1, (12, 8))).astype(dtype), "b1": jnp.zeros(8, dtype),
-              "w2": (0.3 * jax.random.normal(kw2, (8, 4))).astype(dtype), "b2": jnp.zeros(4, dtype)}
-        hyp = {"log_l2": jnp.full((12, 8), -5.0)}
-        lr = {"w1": jnp.full(steps, 0.5), "b1": 0.5, "w2": jnp.full(steps, 0.5), "b2": 0.5}
-        rc = check_reversal(loss_fn, p0, hyp, lr=lr, momentum=0.9, steps=steps)
-        lines.append(f"[{jnp.dtype(dtype).name}] bit-exact reversal of w0, v0 and buffer: "
+    def params(dtype):
+        return {"w1": (0.3 * jax.random.normal(kw1, (12, 8))).astype(dtype), "b1": jnp.zeros(8, dtype),
+                "w2": (0.3 * jax.random.normal(kw2, (8, 4))).astype(dtype), "b2": jnp.zeros(4, dtype)}
+
+    hyp = {"log_l2": jnp.full((12, 8), -5.0)}
+    lr = {"w1": jnp.full(steps, 0.5), "b1": 0.5, "w2": jnp.full(steps, 0.5), "b2": 0.5}
+    cases = [("momentum", jnp.float64, optim.momentum(lr, 0.9)),
+             ("momentum", jnp.float32, optim.momentum(lr, 0.9)),
+             ("adam", jnp.float64, optim.adam(jax.tree_util.tree_map(lambda a: 0.02 * a, lr)))]
+    for name, dtype, opt in cases:
+        p0 = params(dtype)
+        tag = f"[{name}, {jnp.dtype(dtype).name}]"
+        rc = check_reversal(loss_fn, p0, hyp, optimizer=opt, steps=steps)
+        lines.append(f"{tag} bit-exact reversal of w0, optimiser state and buffers: "
                      f"{'yes' if rc.passed else 'NO'}")
         ok &= rc.passed
-        gc = check_hypergradients(loss_fn, meta_fn, p0, hyp, lr=lr, momentum=0.9, steps=steps,
-                                  method=Reversible(min_momentum=0.8))
-        lines.append(f"[{jnp.dtype(dtype).name}] hypergradients:")
+        gc = check_hypergradients(loss_fn, meta_fn, p0, hyp, optimizer=opt, steps=steps)
+        lines.append(f"{tag} hypergradients:")
         lines.extend("  " + l for l in str(gc).splitlines())
         ok &= gc.passed
-    bu = buffer_usage(loss_fn, p0, hyp, lr=lr, momentum=0.9, steps=steps)
-    lines.append(f"buffer: {bu.bits_per_weight_per_step:.4f} bits/weight/step vs minimum "
-                 f"{bu.ideal_bits_per_weight_per_step:.4f} (ratio {bu.ratio:.4f} over {steps} steps)")
+        if dtype == jnp.float64:
+            bu = buffer_usage(loss_fn, p0, hyp, optimizer=opt, steps=steps)
+            lines.append(f"{tag} buffer: {bu.bits_per_weight_per_step:.4f} bits/weight/step vs "
+                         f"minimum {bu.ideal_bits_per_weight_per_step:.4f} (ratio {bu.ratio:.4f} "
+                         f"over {steps} steps)")
     return SelfCheck(tuple(lines), bool(ok))

@@ -232,48 +232,69 @@ def encode(v: jax.Array, x: jax.Array, spill: jax.Array, c: Coding, one=None,
     which the caller must push where `spill`. `one`: see `_kept` (used only
     where the grid's symbol and slot fit in 53 bits).
     """
-    d, sb, p = grid.bits, grid.slot_bits, grid.precision
+    s, x, word = code(v & ((1 << grid.bits) - 1), x, spill, c, one, grid)
+    return (v >> grid.bits) * c.n + s, x, word
+
+
+def code(r: jax.Array, x: jax.Array, spill: jax.Array, c: Coding, one=None,
+         grid: Grid = MOMENTUM):
+    """The coder's half of `encode`: take r in [0, 2^d) into x, give s in [0, n) out of it
+    (s = r n / 2^d to within about one). Returns (s, x', word)."""
+    sb, p = grid.slot_bits, grid.precision
     one = one if grid.packs else None
     word = (x & ((1 << grid.word_bits) - 1)).astype(grid.word_dtype)
     x = jnp.where(spill, x >> grid.word_bits, x)
-    # encode r = X mod 2^d into slot y of [0, 2^p), then decode s from that slot
-    y = ((v & ((1 << d) - 1)) << sb) | (x & ((1 << sb) - 1))
-    split = c.rem * (c.q + 1)            # slots [0, split) belong to symbols of frequency q + 1
-    low = y < split
-    t, _ = _divmod_small(jnp.where(low, y, y - split), jnp.where(low, c.q + 1, c.q),
-                         jnp.where(low, c.inv_q1, c.inv_q))
-    s = jnp.where(low, t, c.rem + t)
+    # encode r into slot y of [0, 2^p), then decode s from that slot
+    y = (r << sb) | (x & ((1 << sb) - 1))
+    if grid.proportional:
+        # the largest s with floor(s M / n) <= y: floor(((y + 1) n - 1) / M), with (y + 1) n
+        # (up to 2^75) split at bit 21 so that no product passes 2^54
+        z = y + 1
+        s = ((z >> 21) * c.n + (((z & ((1 << 21) - 1)) * c.n - 1) >> 21)) >> (p - 21)
+    else:
+        split = c.rem * (c.q + 1)        # slots [0, split) belong to symbols of frequency q + 1
+        low = y < split
+        t, _ = _divmod_small(jnp.where(low, y, y - split), jnp.where(low, c.q + 1, c.q),
+                             jnp.where(low, c.inv_q1, c.inv_q))
+        s = jnp.where(low, t, c.rem + t)
     if one is not None:
         z = _kept((s << p) | y, one)     # s < 2^d, y < 2^p, d + p <= 53
         s, y = z >> p, z & ((1 << p) - 1)
-    f, start = _frequency(s, c)
+    f, start = _frequency(s, c, grid)
     x = f * (x >> sb) + (y - start)
-    return (v >> d) * c.n + s, x, word
+    return s, x, word
 
 
 def decode(v: jax.Array, x: jax.Array, spill: jax.Array, word: jax.Array, c: Coding, one=None,
            grid: Grid = MOMENTUM):
     """Exact inverse of `encode`: (X', x', spill, the word pushed) -> (X, x). `one`: see `_kept`."""
-    d, sb, p = grid.bits, grid.slot_bits, grid.precision
-    one = one if grid.packs else None
     # v = a n + s with |a| < 2^(62 - d) (a = X >> d of the forward step), so one float
     # estimate of a is off by at most one, as in `_divmod_small`
     _, s = _divmod_small(v, c.n, c.inv_n)
-    f, _ = _frequency(s, c)
-    _, lo = _divmod_small(x, f, jnp.where(s < c.rem, c.inv_q1, c.inv_q))
+    r, x = uncode(s, x, spill, word, c, one, grid)
+    # v - s = a n exactly, a below 2^47: a rounded float estimate is exact
+    a = jnp.round((v - s).astype(jnp.float64) * c.inv_n).astype(jnp.int64)
+    return (a << grid.bits) | r, x
+
+
+def uncode(s: jax.Array, x: jax.Array, spill: jax.Array, word: jax.Array, c: Coding, one=None,
+           grid: Grid = MOMENTUM):
+    """Exact inverse of `code`: (s, x', spill, the word pushed) -> (r, x)."""
+    sb, p = grid.slot_bits, grid.precision
+    one = one if grid.packs else None
+    f, start = _frequency(s, c, grid)
+    inv_f = jnp.where(f > c.q, c.inv_q1, c.inv_q)
+    _, lo = _divmod_small(x, f, inv_f)
     if one is not None:
         z = _kept((s << p) | lo, one)                   # s < 2^d, lo < f <= 2^p
         s, lo = z >> p, z & ((1 << p) - 1)
-    f, start = _frequency(s, c)
-    # the quotients are exact divisions now (v - s = a n, x - lo = hi f) of results below
-    # 2^47, so a rounded float estimate is exact
-    a = jnp.round((v - s).astype(jnp.float64) * c.inv_n).astype(jnp.int64)
-    hi = jnp.round((x - lo).astype(jnp.float64)
-                   * jnp.where(s < c.rem, c.inv_q1, c.inv_q)).astype(jnp.int64)
+        f, start = _frequency(s, c, grid)
+    # x - lo = hi f exactly, hi below 2^47: a rounded float estimate is exact
+    hi = jnp.round((x - lo).astype(jnp.float64) * inv_f).astype(jnp.int64)
     y = lo + start                                      # encode s: x1 = hi 2^p + y
     x = (hi << sb) | (y & ((1 << sb) - 1))              # decode r = y >> slot_bits
     x = jnp.where(spill, (x << grid.word_bits) | word.astype(jnp.int64), x)
-    return (a << d) | (y >> sb), x
+    return y >> sb, x
 
 
 def push(stack: jax.Array, head: jax.Array, spill: jax.Array, word: jax.Array):
@@ -307,9 +328,16 @@ def pop(stack: jax.Array, head: jax.Array, spill: jax.Array):
     return word, head - spill.astype(jnp.int32), empty_
 
 
-def _frequency(s: jax.Array, c: Coding) -> tuple[jax.Array, jax.Array]:
-    """(f_s, c_s) of symbol s under U[0, n)."""
-    return c.q + (s < c.rem).astype(jnp.int64), s * c.q + jnp.minimum(s, c.rem)
+def _frequency(s: jax.Array, c: Coding, grid: Grid = MOMENTUM) -> tuple[jax.Array, jax.Array]:
+    """(f_s, c_s) of symbol s under U[0, n): on a proportional grid c_s = floor(s M / n) =
+    s q + floor(s rem / n) and f_s = c_{s+1} - c_s, else the q + 1 symbols first."""
+    if not grid.proportional:
+        return c.q + (s < c.rem).astype(jnp.int64), s * c.q + jnp.minimum(s, c.rem)
+    # s rem < n^2 may pass 2^63: split s at bit 16, (s_hi rem) = a n + b, so that
+    # s rem = a 2^16 n + (b 2^16 + s_lo rem), every term below 2^49
+    a, b = _divmod_small((s >> 16) * c.rem, c.n, c.inv_n)
+    a2, b2 = _divmod_small((b << 16) + (s & 0xFFFF) * c.rem, c.n, c.inv_n)
+    return c.q + (b2 + c.rem >= c.n).astype(jnp.int64), s * c.q + (a << 16) + a2
 
 
 def multiply(v: jax.Array, c: Coding, buf: Buffer, grid: Grid = MOMENTUM):

@@ -25,6 +25,12 @@ bits. Three grids cover the rules:
     FINEST    d = 32, words 8,  M = 2^43   weight-decay factors 1 - lr wd (lr wd ~ 1e-7):
               resolution 2.3e-10; overheads 7.0e-4 + 3.5e-4 bits per step
 
+Where symbol s in [0, n) sits among the coder's slots decides how closely
+X' = a n + s follows X gamma: on MOMENTUM the symbols of frequency q + 1 come
+first (revlearn 0.1's layout; within about one unit of X gamma), on the finer
+grids s starts at slot floor(s M / n), so s = r n / 2^d within one unit there
+too (the first layout would be off by up to 2^(d - slot_bits) / 4 units).
+
 A decay must satisfy min_numerator <= n <= 2^d - 1, so that one step reserves
 fewer bits than a word: gamma in [2/65536, 65535/65536] on MOMENTUM and
 [2^-7, 1 - 2^-d] on the finer grids.
@@ -47,6 +53,7 @@ class Grid(NamedTuple):
     word_bits: int
     precision: int
     slack_bits: float       # >= log2(1 + 2^(slot_bits - low)), the slot rounding per step
+    proportional: bool = True   # symbol s starts at slot floor(s M / n) (else `_buffer._frequency`)
 
     @property
     def denominator(self) -> int:
@@ -100,7 +107,7 @@ def _grid(bits: int, word_bits: int, precision: int) -> Grid:
     return Grid(bits, word_bits, precision, round(math.log2(1.0 + 2.0 ** (slot - low)) * 1.0001, 12))
 
 
-MOMENTUM = Grid(bits=16, word_bits=16, precision=31, slack_bits=2.2013711e-05)
+MOMENTUM = Grid(bits=16, word_bits=16, precision=31, slack_bits=2.2013711e-05, proportional=False)
 FINE = _grid(bits=24, word_bits=8, precision=40)
 FINEST = _grid(bits=32, word_bits=8, precision=43)
 

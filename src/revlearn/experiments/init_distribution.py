@@ -57,6 +57,7 @@ from revlearn import data as rdata
 from revlearn import models
 from revlearn.meta import RunDir, iteration_key, meta_optimize
 
+from ._float import float_train
 from ._registry import Experiment, register
 
 __all__ = ["Config", "run", "plot", "quantile", "density", "roughness", "initial_hypers",
@@ -245,24 +246,16 @@ def _hypergrad(theta, key, data, static: _Static):
 @functools.partial(jax.jit, static_argnames="static")
 def _curve(theta, key, data, static: _Static):
     """(training loss on the whole training set at steps 0 .. T, final metrics) for one
-    draw and minibatch order (plain float SGD, as revlearn.sgd computes it up to rounding)."""
+    draw and minibatch order (the momentum rule's float step, as revlearn.sgd computes it
+    up to rounding)."""
     k_init, k_batch = jax.random.split(key)
     w0 = sample_params(theta, k_init, static)
     x, y = data["train"]
-    hyp = {"key": k_batch, "x": x, "y": y}
-    gamma = jnp.round(static.momentum * 2.0**16) / 2.0**16  # as revlearn.sgd applies it
-    grad = jax.grad(functools.partial(_train_loss, batch_size=static.batch_size))
-    full = lambda w: models.nll(models.mlp_apply(w, x), y)  # noqa: E731
-
-    def step(carry, t):
-        w, v = carry
-        v = jax.tree_util.tree_map(lambda v_, g: gamma * v_ - (1 - gamma) * g, v, grad(w, hyp, t))
-        w = jax.tree_util.tree_map(lambda w_, v_: w_ + static.lr * v_, w, v)
-        return (w, v), full(w)
-
-    (w, _), losses = jax.lax.scan(step, (w0, jax.tree_util.tree_map(jnp.zeros_like, w0)),
-                                  jnp.arange(static.steps, dtype=jnp.int32))
-    return jnp.concatenate([full(w0)[None], losses]), _evaluate(w, data)
+    full = lambda w, state, t: models.nll(models.mlp_apply(w, x), y)  # noqa: E731
+    w, losses = float_train(revlearn.optim.momentum(static.lr, static.momentum),
+                            functools.partial(_train_loss, batch_size=static.batch_size), w0,
+                            {"key": k_batch, "x": x, "y": y}, steps=static.steps, record=full)
+    return losses, _evaluate(w, data)
 
 
 # -- run and plot --------------------------------------------------------------

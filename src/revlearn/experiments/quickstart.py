@@ -39,6 +39,7 @@ from revlearn import data as rdata
 from revlearn import models, spaces
 from revlearn.meta import RunDir, iteration_key, meta_optimize
 
+from ._float import float_train
 from ._registry import Experiment, register
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT"]
@@ -169,24 +170,16 @@ def _curves(theta, key, data, static: _Static):
     ([steps + 1] train loss, [steps + 1] validation loss, final metrics)."""
     h = _constrained(theta, static.basis())
     x, y = data["train"]
-    hyp = {"l2": h["l2"], "key": key, "x": x, "y": y}
-    # momentum as revlearn.sgd applies it: round(gamma * 2^16) / 2^16
-    gamma = jnp.round(static.momentum * 2.0**16) / 2.0**16
-    grad = jax.grad(functools.partial(_train_loss, batch_size=static.batch_size))
 
-    def step(carry, t):
-        w, v = carry
-        v = jax.tree_util.tree_map(lambda v_, g: gamma * v_ - (1 - gamma) * g, v, grad(w, hyp, t))
-        w = jax.tree_util.tree_map(lambda w_, v_: w_ + h["lr"][t] * v_, w, v)
+    def losses(w, state, t):
         m = _evaluate(w, data)
-        return (w, v), (m["train_loss"], m["valid_loss"])
+        return m["train_loss"], m["valid_loss"]
 
-    w0 = _params0()
-    m0 = _evaluate(w0, data)
-    (w, _), (tr, va) = jax.lax.scan(step, (w0, jax.tree_util.tree_map(jnp.zeros_like, w0)),
-                                    jnp.arange(static.steps, dtype=jnp.int32))
-    return (jnp.concatenate([m0["train_loss"][None], tr]),
-            jnp.concatenate([m0["valid_loss"][None], va]), _evaluate(w, data))
+    w, (tr, va) = float_train(revlearn.optim.momentum(h["lr"], static.momentum),
+                              functools.partial(_train_loss, batch_size=static.batch_size),
+                              _params0(), {"l2": h["l2"], "key": key, "x": x, "y": y},
+                              steps=static.steps, record=losses)
+    return tr, va, _evaluate(w, data)
 
 
 # -- run and plot --------------------------------------------------------------

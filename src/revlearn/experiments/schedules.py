@@ -1,6 +1,7 @@
 """Learning-rate and momentum schedules (paper figures 2 and 3): per step, per
 layer and per parameter type, plus per-layer initial scales, learned by
-hypergradient descent through exactly reversible SGD.
+hypergradient descent through exactly reversible SGD, or (`optimizer="adam"`,
+the `adam-schedules` experiment) through exactly reversible Adam.
 
 Model: tanh MLP `sizes` (784-50-50-50-10), layers l = 0 .. L-1, types
 tau in {w, b}. Hyperparameters, stored unconstrained (1,608 for the default net
@@ -8,6 +9,7 @@ and 100 steps: 2 x 4 x 2 x 100 + 8):
 
     log_lr[l][tau]          [T]  alpha_{t,l,tau} = exp(.)
     logit_momentum[l][tau]  [T]  gamma_{t,l,tau} = sigmoid(.)  (kept in [min_momentum, 1 - 2^-12])
+      (Adam: logit_b1[l][tau] [T], beta1_{t,l,tau} = sigmoid(.), kept in [min_b1, 1 - 2^-12])
     log_scale[l][tau]       ()   s_{l,tau} = exp(.)
 
 Meta-iteration i draws key_i = iteration_key(seed, i) and, for each of the K
@@ -16,14 +18,15 @@ draw and minibatch order:
 
     w_0 = s_{l,tau} * N(0, I)                                 (reparameterised)
     v_{t+1} = gamma_t v_t - (1 - gamma_t) grad NLL(w_t; batch_t),  w_{t+1} = w_t + alpha_t v_{t+1}
+      (Adam: revlearn.optim.adam(alpha_t, beta1_t, b2, eps), b2 and eps fixed)
     f_k = NLL(w_T; training set)   (or the validation set, objective="valid")
 
-The meta-gradient (1/K) sum_k grad f_k comes from `revlearn.sgd(...,
-method=Reversible(min_momentum=...))` (momentum is traced, so the buffer is
-sized from the bound) averaged with `revlearn.meta.average_over`; Adam
-(optax) takes the meta-step, followed by a projection that keeps
-logit_momentum inside [logit(min_momentum), logit(1 - 2^-12)], so momentum
-never falls below the bound the buffer was sized for.
+The meta-gradient (1/K) sum_k grad f_k comes from `revlearn.train(...,
+method=Reversible(min_decay=...))` (momentum, or Adam's b1, is traced, so its
+buffer is sized from a bound) averaged with `revlearn.meta.average_over`; Adam
+(optax) takes the meta-step, followed by a projection that keeps the logit of
+the decay inside [logit(min), logit(1 - 2^-12)], so the decay never falls below
+the bound the buffer was sized for.
 
 Modes (fields left at None take the mode's value):
 
@@ -33,7 +36,9 @@ Modes (fields left at None take the mode's value):
     long      784-50-10         1000   0                4     (20 epochs of 10,000)
 
 Every mode also records the meta-gradient per step at the initial
-hyperparameters (averaged over its K keys) and at the learned ones.
+hyperparameters (averaged over its K keys) and at the learned ones. The
+learning curves retrain in floating point with the rule's own step
+(`_float.float_train`).
 """
 
 from __future__ import annotations
@@ -55,10 +60,11 @@ from revlearn import data as rdata
 from revlearn import models, spaces
 from revlearn.meta import RunDir, average_over, iteration_key, meta_optimize
 
+from ._float import float_train
 from ._registry import Experiment, register
 
-__all__ = ["Config", "run", "plot", "initial_hypers", "constrained", "keep_momentum_in",
-           "EXPERIMENT"]
+__all__ = ["Config", "AdamConfig", "run", "plot", "initial_hypers", "constrained",
+           "keep_momentum_in", "keep_logit_in", "EXPERIMENT", "ADAM_EXPERIMENT"]
 
 MAX_MOMENTUM = 1.0 - 2.0**-12
 
@@ -69,13 +75,22 @@ _MODE_DEFAULTS = {
     "long": ((784, 50, 10), 1000, 0, 4),
 }
 
+#: Per inner optimiser: the decay whose schedule is learned beside the learning rate, and
+#: the initial log learning rate when `init_log_lr` is None (momentum: the paper's -1;
+#: Adam: its usual 1e-3, which trains steadily over 100 steps, from 2.30 to 0.61 nats).
+DECAY = {"momentum": "momentum", "adam": "b1"}
+_INIT_LOG_LR = {"momentum": -1.0, "adam": math.log(1e-3)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Settings of the paper's run (10,000 examples, batch 200, Adam 0.04, log alpha -1,
-    gamma 0.5, log scale -3). Fields left at None take the mode's value (module docstring)."""
+    gamma 0.5, log scale -3). Fields left at None take the mode's value (module docstring);
+    `init_log_lr` left at None takes the optimizer's. `init_momentum`, `min_momentum` apply
+    to optimizer="momentum"; `init_b1`, `min_b1`, `b2`, `eps` to optimizer="adam"."""
 
     seed: int = 0
+    optimizer: Literal["momentum", "adam"] = "momentum"
     data: Literal["embedded", "mnist"] = "embedded"
     data_dir: str | None = None
     mode: Literal["learn", "averaged", "long"] = "learn"
@@ -87,10 +102,14 @@ class Config:
     n_valid: int = 0
     batch_size: int = 200
     objective: Literal["train", "valid"] = "train"
-    init_log_lr: float = -1.0
+    init_log_lr: float | None = None
     init_momentum: float = 0.5
     init_log_scale: float = -3.0
     min_momentum: float = 0.1
+    init_b1: float = 0.9
+    min_b1: float = 0.1
+    b2: float = 0.999
+    eps: float = 1e-8
     meta_lr: float = 0.04
     clip: float | None = None
     curve_examples: int = 2000  # training examples on which learning curves are evaluated
@@ -110,26 +129,59 @@ class Config:
         if self.objective == "valid" and self.n_valid < 1:
             raise ValueError("objective='valid' needs a validation set: set n_valid >= 1 and "
                              "n_train + n_valid <= 10000 (e.g. n_train=8000, n_valid=2000)")
-        if not 0.0 < self.min_momentum < self.init_momentum < MAX_MOMENTUM:
+        if self.optimizer == "momentum" and not (
+                0.0 < self.min_momentum < self.init_momentum < MAX_MOMENTUM):
             raise ValueError(f"need 0 < min_momentum={self.min_momentum} < init_momentum="
                              f"{self.init_momentum} < {MAX_MOMENTUM}")
+        if self.optimizer == "adam":
+            # the buffer is sized for b1 >= min_b1 / 2, which must lie on b1's grid
+            lo = 2 * revlearn.optim.FINE.smallest()
+            if not lo <= self.min_b1 < self.init_b1 < MAX_MOMENTUM:
+                raise ValueError(f"need {lo} <= min_b1={self.min_b1} < init_b1="
+                                 f"{self.init_b1} < {MAX_MOMENTUM}")
+            if not revlearn.optim.FINE.smallest() <= self.b2 <= revlearn.optim.FINE.largest():
+                raise ValueError(f"b2={self.b2} must lie in [{revlearn.optim.FINE.smallest()}, "
+                                 f"{revlearn.optim.FINE.largest()}]")
+            if not self.eps > 0:
+                raise ValueError(f"eps={self.eps} must be > 0")
         if self.curve_examples < 1:
             raise ValueError(f"curve_examples={self.curve_examples} must be >= 1")
 
     def resolved(self) -> Config:
-        """This config with every None replaced by the mode's value."""
+        """This config with every None replaced by the mode's (or the optimizer's) value."""
         sizes, steps, meta_iterations, n_average = _MODE_DEFAULTS[self.mode]
         pick = lambda v, d: d if v is None else v  # noqa: E731
         return dataclasses.replace(
             self, sizes=tuple(pick(self.sizes, sizes)), steps=pick(self.steps, steps),
             meta_iterations=pick(self.meta_iterations, meta_iterations),
-            n_average=pick(self.n_average, n_average)) if None in (
-                self.sizes, self.steps, self.meta_iterations, self.n_average) else self
+            n_average=pick(self.n_average, n_average),
+            init_log_lr=pick(self.init_log_lr, _INIT_LOG_LR[self.optimizer])) if None in (
+                self.sizes, self.steps, self.meta_iterations, self.n_average,
+                self.init_log_lr) else self
+
+    @property
+    def decay(self) -> str:
+        """The learned decay: "momentum" or "b1"."""
+        return DECAY[self.optimizer]
+
+    def decay_init_and_min(self) -> tuple[float, float]:
+        return ((self.init_b1, self.min_b1) if self.optimizer == "adam"
+                else (self.init_momentum, self.min_momentum))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamConfig(Config):
+    """`adam-schedules`: the same settings with Adam as the inner optimiser (lr 1e-3 and
+    b1 0.9 at the start, b2 0.999 and eps 1e-8 fixed)."""
+
+    optimizer: Literal["momentum", "adam"] = "adam"
 
 
 # One layer keeps the compile time (most of a smoke run) low; the tests cover hidden layers.
 SMOKE = Config(sizes=(784, 10), steps=6, meta_iterations=2, n_average=2, n_train=400,
                batch_size=50, curve_examples=200)
+ADAM_SMOKE = AdamConfig(sizes=(784, 10), steps=6, meta_iterations=2, n_average=2, n_train=400,
+                        batch_size=50, curve_examples=200)
 
 
 # -- hyperparameters -------------------------------------------------------------
@@ -138,32 +190,39 @@ def initial_hypers(config: Config) -> dict:
     """The unconstrained hyperparameters: constant schedules and scales."""
     c = config.resolved()
     L, T = len(c.sizes) - 1, c.steps
-    logit = math.log(c.init_momentum) - math.log1p(-c.init_momentum)
+    init, _ = c.decay_init_and_min()
+    logit = math.log(init) - math.log1p(-init)
     sched = lambda v: [{t: jnp.full((T,), v, jnp.float64) for t in ("w", "b")}  # noqa: E731
                        for _ in range(L)]
-    return {"log_lr": sched(c.init_log_lr), "logit_momentum": sched(logit),
+    return {"log_lr": sched(c.init_log_lr), f"logit_{c.decay}": sched(logit),
             "log_scale": [{t: jnp.asarray(c.init_log_scale, jnp.float64) for t in ("w", "b")}
                           for _ in range(L)]}
 
 
 def constrained(theta: dict) -> dict:
-    """{"lr": [{w: [T], b: [T]}], "momentum": same, "scale": [{w: (), b: ()}]}."""
+    """{"lr": [{w: [T], b: [T]}], "momentum" (or "b1"): same, "scale": [{w: (), b: ()}]}."""
     return spaces.constrain(theta)
 
 
-def keep_momentum_in(lo: float, hi: float) -> optax.GradientTransformation:
-    """An optax step after the optimiser that projects theta["logit_momentum"] back
-    into [logit(lo), logit(hi)] (the update becomes clip(theta + u) - theta)."""
+def keep_logit_in(name: str, lo: float, hi: float) -> optax.GradientTransformation:
+    """An optax step after the optimiser that projects theta[name] (a logit) back into
+    [logit(lo), logit(hi)] (the update becomes clip(theta + u) - theta)."""
     a, b = math.log(lo) - math.log1p(-lo), math.log(hi) - math.log1p(-hi)
 
     def update(updates, state, params):
         if params is None:
-            raise ValueError("keep_momentum_in needs the current hyperparameters (params)")
+            raise ValueError(f"keep_logit_in({name!r}) needs the current hyperparameters "
+                             "(params)")
         proj = jax.tree_util.tree_map(lambda u, p: jnp.clip(p + u, a, b) - p,
-                                      updates["logit_momentum"], params["logit_momentum"])
-        return {**updates, "logit_momentum": proj}, state
+                                      updates[name], params[name])
+        return {**updates, name: proj}, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def keep_momentum_in(lo: float, hi: float) -> optax.GradientTransformation:
+    """`keep_logit_in("logit_momentum", lo, hi)`."""
+    return keep_logit_in("logit_momentum", lo, hi)
 
 
 def _per_leaf(schedule, params):
@@ -182,19 +241,31 @@ class _Static(NamedTuple):
     batch_size: int
     n_average: int
     objective: str
-    min_momentum: float
+    optimizer: str
+    min_decay: float   # min_momentum or min_b1
+    b2: float
+    eps: float
     curve_every: int
 
     @classmethod
     def of(cls, c: Config) -> _Static:
         c = c.resolved()
         return cls(tuple(c.sizes), c.steps, c.batch_size, c.n_average, c.objective,
-                   c.min_momentum, max(1, c.steps // 100))
+                   c.optimizer, c.decay_init_and_min()[1], c.b2, c.eps,
+                   max(1, c.steps // 100))
 
     def method(self):
-        # Momentum is traced, so the buffer is sized from a bound below the projected
-        # range: gamma >= min_momentum always holds (rounding included).
-        return revlearn.Reversible(min_momentum=0.5 * self.min_momentum)
+        # The decay is traced, so its buffer is sized from a bound below the projected
+        # range: gamma (b1) >= min_decay always holds (rounding included).
+        return revlearn.Reversible(min_decay={DECAY[self.optimizer]: 0.5 * self.min_decay})
+
+    def rule(self, h, params0):
+        """The inner optimiser with the constrained schedules h, per params leaf."""
+        lr = _per_leaf(h["lr"], params0)
+        if self.optimizer == "adam":
+            return revlearn.optim.adam(lr, b1=_per_leaf(h["b1"], params0), b2=self.b2,
+                                       eps=self.eps)
+        return revlearn.optim.momentum(lr, _per_leaf(h["momentum"], params0))
 
 
 def _params0(h, key, sizes):
@@ -225,11 +296,10 @@ def meta_objective(theta, key, data, static: _Static, method=None):
     k_init, k_batch = jax.random.split(key)
     params0 = _params0(h, k_init, static.sizes)
     x, y = data["train"]
-    params = revlearn.sgd(functools.partial(_train_loss, batch_size=static.batch_size), params0,
-                          {"key": k_batch, "x": x, "y": y},
-                          lr=_per_leaf(h["lr"], params0),
-                          momentum=_per_leaf(h["momentum"], params0),
-                          steps=static.steps, method=method or static.method())
+    params = revlearn.train(functools.partial(_train_loss, batch_size=static.batch_size),
+                            params0, {"key": k_batch, "x": x, "y": y},
+                            optimizer=static.rule(h, params0), steps=static.steps,
+                            method=method or static.method())
     metrics = _evaluate(params, data)
     return metrics[f"{static.objective}_loss"], metrics
 
@@ -249,32 +319,21 @@ def _hypergrad(theta, key, data, static: _Static):
 
 @functools.partial(jax.jit, static_argnames="static")
 def _curve(theta, key, data, static: _Static):
-    """Training loss on data["curve"] every `curve_every` steps (plain float SGD, as
-    revlearn.sgd computes it up to rounding) and the metrics of w_T."""
+    """Training loss on data["curve"] every `curve_every` steps ([T + 1], NaN between; the
+    rule's float step, as revlearn.train computes it up to rounding) and the metrics of w_T."""
     h = constrained(theta)
     k_init, k_batch = jax.random.split(key)
     w0 = _params0(h, k_init, static.sizes)
     x, y = data["train"]
     xc, yc = data["curve"]
-    hyp = {"key": k_batch, "x": x, "y": y}
-    grad = jax.grad(functools.partial(_train_loss, batch_size=static.batch_size))
-    full = lambda w: models.nll(models.mlp_apply(w, xc), yc)  # noqa: E731
-    # momentum as revlearn.sgd applies it: round(gamma * 2^16) / 2^16
-    gam = jax.tree_util.tree_map(lambda g: jnp.round(g * 2.0**16) / 2.0**16, h["momentum"])
-
-    def step(carry, t):
-        w, v = carry
-        g = grad(w, hyp, t)
-        v = [{k: gam[l][k][t] * v[l][k] - (1 - gam[l][k][t]) * g[l][k] for k in v[l]}
-             for l in range(len(v))]
-        w = [{k: w[l][k] + h["lr"][l][k][t] * v[l][k] for k in w[l]} for l in range(len(w))]
-        loss = jax.lax.cond((t + 1) % static.curve_every == 0, full,
-                            lambda w: jnp.asarray(jnp.nan, jnp.float64), w)
-        return (w, v), loss
-
-    (w, _), losses = jax.lax.scan(step, (w0, jax.tree_util.tree_map(jnp.zeros_like, w0)),
-                                  jnp.arange(static.steps, dtype=jnp.int32))
-    return jnp.concatenate([full(w0)[None], losses]), _evaluate(w, data)
+    full = lambda w, state, t: models.nll(models.mlp_apply(w, xc), yc)  # noqa: E731
+    w, losses = float_train(static.rule(h, w0),
+                            functools.partial(_train_loss, batch_size=static.batch_size), w0,
+                            {"key": k_batch, "x": x, "y": y}, steps=static.steps, record=full,
+                            every=static.curve_every)
+    curve = jnp.full((static.steps + 1,), jnp.nan, losses.dtype)
+    curve = curve.at[jnp.arange(losses.shape[0]) * static.curve_every].set(losses)
+    return curve, _evaluate(w, data)
 
 
 # -- run and plot --------------------------------------------------------------
@@ -304,10 +363,12 @@ def run(config: Config, run_dir: RunDir) -> dict:
             first.update(grads=grads, sq=sq)
         return loss, grads, metrics
 
-    optimizer = optax.chain(optax.adam(c.meta_lr), keep_momentum_in(c.min_momentum, MAX_MOMENTUM))
+    dn = c.decay
+    optimizer = optax.chain(optax.adam(c.meta_lr),
+                            keep_logit_in(f"logit_{dn}", c.decay_init_and_min()[1], MAX_MOMENTUM))
     result = meta_optimize(hypergrad_fn, theta0, optimizer, c.meta_iterations, run_dir,
                            clip=c.clip, progress_metric="meta_loss",
-                           description=f"schedules ({c.mode})")
+                           description=f"{_NAME[c.optimizer]} ({c.mode})")
     theta = result.hypers
     run_dir.save_arrays("hypers_final", theta)
     n = c.meta_iterations
@@ -330,10 +391,10 @@ def run(config: Config, run_dir: RunDir) -> dict:
         for l in range(len(c.sizes) - 1):
             for t in ("w", "b"):
                 res[f"lr_{tag}_{l}{t}"] = np.asarray(h["lr"][l][t])
-                res[f"momentum_{tag}_{l}{t}"] = np.asarray(h["momentum"][l][t])
+                res[f"{dn}_{tag}_{l}{t}"] = np.asarray(h[dn][l][t])
                 res[f"scale_{tag}_{l}{t}"] = np.asarray(h["scale"][l][t])
     for tag, g, sq in (("initial", first["grads"], first["sq"]), ("learned", g_end, sq_end)):
-        for name in ("log_lr", "logit_momentum"):
+        for name in ("log_lr", f"logit_{dn}"):
             for l in range(len(c.sizes) - 1):
                 for t in ("w", "b"):
                     res[f"grad_{name}_{tag}_{l}{t}"] = np.asarray(g[name][l][t])
@@ -342,15 +403,16 @@ def run(config: Config, run_dir: RunDir) -> dict:
     run_dir.save_arrays("results", res)
 
     n_hypers = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(theta0))
-    summary = {"mode": c.mode, "sizes": "-".join(map(str, c.sizes)), "steps": c.steps,
-               "meta_iterations": n, "n_average": c.n_average, "n_hyperparameters": n_hypers}
+    summary = {"optimizer": c.optimizer, "mode": c.mode, "sizes": "-".join(map(str, c.sizes)),
+               "steps": c.steps, "meta_iterations": n, "n_average": c.n_average,
+               "n_hyperparameters": n_hypers}
     for tag in ("initial", "learned")[:1 + bool(n)]:
         for k in sorted(k for k in res if k.endswith(f"_{tag}") and k.split("_")[0] in
                         ("train", "valid")):
             summary[k] = float(res[k])
     # where the meta-gradient at the initial hyperparameters is large: mean |.| over the
     # weight layers, in the first 5, the middle and the last 5 steps
-    for name, short in (("log_lr", "lr"), ("logit_momentum", "momentum")):
+    for name, short in (("log_lr", "lr"), (f"logit_{dn}", dn)):
         g = np.mean([np.abs(res[f"grad_{name}_initial_{l}w"]) for l in range(len(c.sizes) - 1)],
                     axis=0)
         summary[f"grad_{short}_w_first5"] = float(np.mean(g[:5]))
@@ -367,6 +429,12 @@ def run(config: Config, run_dir: RunDir) -> dict:
 
 
 _TYPE = {"w": "weights", "b": "biases"}
+_NAME = {"momentum": "schedules", "adam": "adam-schedules"}
+#: per learned decay: (axis label, name in titles, its logit's name, meta-gradient label)
+_DECAY_LABEL = {"momentum": (r"momentum $\gamma_t$", "momentum", "logit momentum",
+                             r"$\partial f/\partial\,\mathrm{logit}\,\gamma_t$"),
+                "b1": (r"Adam's $\beta_{1,t}$", "beta1", "logit beta1",
+                       r"$\partial f/\partial\,\mathrm{logit}\,\beta_{1,t}$")}
 
 
 def _blocks(x, *ys, size):
@@ -398,6 +466,10 @@ def plot(path) -> list[Path]:
     out = rd.figures
     paths = []
     T = len(res["lr_initial_0w"])
+    dn = c.decay
+    d_axis, d_title, d_logit, d_grad = _DECAY_LABEL[dn]
+    inner = "Adam" if c.optimizer == "adam" else "SGD"
+    step_label = f"{inner} step t"
     steps = np.arange(T)
     colors = [f"C{l}" for l in range(L)]
     per_epoch = c.n_train // c.batch_size
@@ -413,7 +485,7 @@ def plot(path) -> list[Path]:
         axes = fig.subplots(2, 2, sharex=True)
         for j, t in enumerate(("w", "b")):
             for i, (name, label) in enumerate((("lr", r"learning rate $\alpha_t$"),
-                                               ("momentum", r"momentum $\gamma_t$"))):
+                                               (dn, d_axis))):
                 ax = axes[i, j]
                 ax.plot(steps, res[f"{name}_initial_0{t}"], "--", color="0.5", label="initial")
                 for l in range(L):
@@ -424,14 +496,16 @@ def plot(path) -> list[Path]:
                 else:
                     ax.set_ylim(0, 1)
                 ax.set_ylabel(label)
-                ax.set_title(f"{label.split(' $')[0].capitalize()} of the {_TYPE[t]}")
+                what = "learning rate" if name == "lr" else d_title
+                ax.set_title(f"{what[0].upper() + what[1:]} of the {_TYPE[t]}")
                 ax.grid(alpha=0.3, which="both")
                 epochs(ax)
                 if i == 1:
-                    ax.set_xlabel("SGD step t")
+                    ax.set_xlabel(step_label)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=L + 1, fontsize=9)
-        fig.suptitle(f"Learned schedules, {_net(c.sizes)} tanh MLP, {len(metrics)} meta-iterations"
+        fig.suptitle(f"Learned {inner} schedules, {_net(c.sizes)} tanh MLP, "
+                     f"{len(metrics)} meta-iterations"
                      + (f" (meta-gradient averaged over {c.n_average} seeds)" if c.n_average > 1
                         else ""))
         paths.append(out / "schedules.png")
@@ -468,10 +542,10 @@ def plot(path) -> list[Path]:
         ok = np.isfinite(y)
         ax.plot(x[ok], y[ok], style, color=color, lw=2, label=f"{tag} hyperparameters")
     ax.set_yscale("log")
-    ax.set_xlabel("SGD step t")
+    ax.set_xlabel(step_label)
     ax.set_ylabel("training loss (mean NLL, nats)")
     n_curve = min(c.curve_examples, c.n_train)
-    ax.set_title(f"Training curves on a fresh initial draw and minibatch order\n"
+    ax.set_title(f"{inner} training curves on a fresh initial draw and minibatch order\n"
                  f"(loss on {n_curve} training examples"
                  + (f", every {every} steps)" if every > 1 else ")"))
     ax.grid(alpha=0.3, which="both")
@@ -490,8 +564,7 @@ def plot(path) -> list[Path]:
         fig = Figure(figsize=(11, 7), layout="constrained")
         axes = fig.subplots(2, 2, sharex=True)
         for i, (name, label) in enumerate((("log_lr", r"$\partial f/\partial \log\alpha_t$"),
-                                           ("logit_momentum",
-                                            r"$\partial f/\partial\,\mathrm{logit}\,\gamma_t$"))):
+                                           (f"logit_{dn}", d_grad))):
             for j, t in enumerate(("w", "b")):
                 ax = axes[i, j]
                 for l in range(L):
@@ -508,11 +581,11 @@ def plot(path) -> list[Path]:
                 ax.set_yscale("log")
                 ax.set_ylabel("|" + label + "| (nats)")
                 ax.set_title(f"{_TYPE[t].capitalize()}: meta-gradient w.r.t. "
-                             + ("log learning rate" if name == "log_lr" else "logit momentum"))
+                             + ("log learning rate" if name == "log_lr" else d_logit))
                 ax.grid(alpha=0.3, which="both")
                 epochs(ax)
                 if i == 1:
-                    ax.set_xlabel("SGD step t")
+                    ax.set_xlabel(step_label)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         if block == 1:
             handles.append(Line2D([], [], ls="", marker="^", color="0.3", ms=4))
@@ -526,7 +599,7 @@ def plot(path) -> list[Path]:
         if block > 1:
             what += f", averaged over blocks of {block} steps"
         fig.suptitle(f"Meta-gradient per step at the {tag} hyperparameters, {_net(c.sizes)}, "
-                     f"{T} steps\n({what})")
+                     f"{T} {inner} steps\n({what})")
         paths.append(out / ("meta_gradient.png" if tag == "initial"
                             else "meta_gradient_learned.png"))
         fig.savefig(paths[-1], dpi=100)
@@ -553,3 +626,9 @@ EXPERIMENT = register(Experiment(
     description="Learn per-step, per-layer learning rates, momenta and initial scales "
                 "(paper fig. 2-3; 784-50-50-50-10, 100 steps).",
     Config=Config, smoke=SMOKE, run=run, plot=plot))
+
+ADAM_EXPERIMENT = register(Experiment(
+    name="adam-schedules",
+    description="The schedules experiment with Adam inside: per-step, per-layer learning rates "
+                "and beta1 (b2 0.999 fixed) and initial scales, through exactly reversed Adam.",
+    Config=AdamConfig, smoke=ADAM_SMOKE, run=run, plot=plot))

@@ -50,8 +50,10 @@ import optax
 
 import revlearn
 from revlearn import spaces
+from revlearn.exact._grid import on_grid
 from revlearn.meta import RunDir, meta_optimize
 
+from ._float import float_train
 from ._registry import Experiment, register
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "loss", "loss_grad", "float_forward",
@@ -137,7 +139,7 @@ def _probe_fn(w, hypers, step):
 
 def _rounded(gamma):
     """Momentum as every revlearn method applies it: round(gamma * 2^16) / 2^16."""
-    return jnp.round(gamma * 2.0**16) / 2.0**16
+    return on_grid(gamma, revlearn.optim.MOMENTUM)
 
 
 def initial_hypers(config: Config) -> dict:
@@ -165,19 +167,10 @@ def hypergrad(theta, w0, *, min_momentum: float):
 
 @jax.jit
 def float_forward(w0, lr, momentum):
-    """The plain float64 forward pass: w [T+1, 2], v [T+1, 2]."""
-    gamma = _rounded(momentum)
-
-    def step(carry, xs):
-        w, v = carry
-        a, m = xs
-        v = m * v - (1 - m) * jax.grad(loss)(w)
-        w = w + a * v
-        return (w, v), (w, v)
-
-    v0 = jnp.zeros_like(w0)
-    _, (ws, vs) = jax.lax.scan(step, (w0, v0), (lr, gamma))
-    return jnp.concatenate([w0[None], ws]), jnp.concatenate([v0[None], vs])
+    """The plain float64 forward pass (the momentum rule's float step): w [T+1, 2], v [T+1, 2]."""
+    _, (ws, vs) = float_train(revlearn.optim.momentum(lr, momentum), _loss_fn, w0,
+                              steps=lr.shape[0], record=lambda w, state, t: (w, state.v))
+    return ws, vs
 
 
 @jax.jit
@@ -351,7 +344,7 @@ def plot(path) -> list[Path]:
         err = np.linalg.norm(n - f, axis=1)
         ax2.plot(t, np.maximum(err, 1e-18), ".-", color=c, ms=3,
                  label=f"naive, meta-iteration {i}")
-        gam = np.round(res[f"snap{i}/momentum"] * 2.0**16) / 2.0**16
+        gam = revlearn.optim.applied(res[f"snap{i}/momentum"], revlearn.optim.MOMENTUM)
         bound = np.finfo(np.float64).eps * np.concatenate([np.cumprod(1 / gam[::-1])[::-1], [1.0]])
         ax2.plot(t, bound, ":", color=c, lw=1)
         if i == snaps[-1]:

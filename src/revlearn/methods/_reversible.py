@@ -52,7 +52,7 @@ import numpy as np
 
 from .. import _faults, _schedules
 from .._problem import Prepared, Problem, decay_values, isolated, isolated_gradient, merge, split_inexact
-from ..exact import _buffer, _determinism, _fixed_point as fp, _grid
+from ..exact import _buffer, _determinism, _fixed_point as fp, _grid, _wide
 from ..exact._layout import BLOCK, Layout
 
 
@@ -224,14 +224,19 @@ def _update(rule, method, new: dict, sv: _Step, t, k: int):
     return isolated(fn, t, ops) if rule.isolate_update else fn(ops)
 
 
-def _multiply(lay, X, x, m, head, stacks, codes, grid, ones):
-    """X * d exactly on the packed state, with the decay's buffer: (X, x, m, head, stacks, full)."""
+def _multiply(lay, X, x, m, head, stacks, codes, grid, ones, wide=False):
+    """X * d exactly on the packed state (`wide`: a `_wide.Wide`), with the decay's buffer:
+    (X, x, m, head, stacks, full)."""
     spill_l, m_new = [], []
     for i, (mi, c) in enumerate(zip(m, codes)):
         spill_i, mi = _buffer.advance(mi, lay.entry_rows(c.inc, i), grid)
         spill_l.append(spill_i)
         m_new.append(mi)
-    X, x, word = _buffer.encode(X, x, lay.join(spill_l), _spread_coding(lay, codes), ones, grid)
+    c = _spread_coding(lay, codes)
+    if wide:
+        X, x, word = _wide.encode(X, x, lay.join(spill_l), c, grid)
+    else:
+        X, x, word = _buffer.encode(X, x, lay.join(spill_l), c, ones, grid)
     stacks_new, head_new, full = [], [], jnp.zeros((), bool)
     for i, (st, h, sp) in enumerate(zip(stacks, head, spill_l)):
         st, h, f = _buffer.push(st, h, sp, lay.rows_of(word, i))
@@ -241,7 +246,7 @@ def _multiply(lay, X, x, m, head, stacks, codes, grid, ones):
     return X, x, tuple(m_new), tuple(head_new), tuple(stacks_new), full
 
 
-def _divide(lay, X, x, m, head, stacks, codes, grid, ones):
+def _divide(lay, X, x, m, head, stacks, codes, grid, ones, wide=False):
     """Exact inverse of `_multiply`: (X, x, m, head, ran empty)."""
     spill_l, m_new, head_new, words = [], [], [], []
     under = jnp.zeros((), bool)
@@ -253,9 +258,40 @@ def _divide(lay, X, x, m, head, stacks, codes, grid, ones):
         head_new.append(h)
         words.append(word)
         under |= e
-    X, x = _buffer.decode(X, x, lay.join(spill_l), lay.join(words), _spread_coding(lay, codes),
-                          ones, grid)
+    c = _spread_coding(lay, codes)
+    if wide:
+        X, x = _wide.decode(X, x, lay.join(spill_l), lay.join(words), c, grid)
+    else:
+        X, x = _buffer.decode(X, x, lay.join(spill_l), lay.join(words), c, ones, grid)
     return X, x, tuple(m_new), tuple(head_new), under
+
+
+def _quantize(mo, x, k: int):
+    """Q(x) in the moment's fixed point, and elementwise whether x was in range."""
+    if mo.wide:
+        return _wide.quantize(x, k)
+    q, ok = fp.round_checked(jnp.asarray(x, jnp.float64) * _scale(k + mo.scale))
+    return q, ok
+
+
+def _to_float(mo, X, k: int):
+    return _wide.to_float(X, k) if mo.wide else fp.to_float(X, k + mo.scale)
+
+
+def _add(mo, X, dX):
+    return _wide.add(X, dX) if mo.wide else X + dX
+
+
+def _sub(mo, X, dX):
+    return _wide.sub(X, dX) if mo.wide else X - dX
+
+
+def _out_of_range(mo, X):
+    return _wide.out_of_range_mask(X) if mo.wide else fp.out_of_range_mask(X)
+
+
+def _equal(mo, a, b):
+    return _wide.equal(a, b) if mo.wide else jnp.all(a == b)
 
 
 def _xs(problem, hypers, decays, coding):
@@ -279,10 +315,11 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
     fault = fault.record(bad, _faults.WEIGHT_OVERFLOW, 0)
     X0 = []
     for j, mo in enumerate(rule.moments):
-        Xj, bad = fp.quantize(lay.pack(s0[mo.name], jnp.float64), k + mo.scale)
-        fault = fault.record(bad, _faults.STATE_OVERFLOW, 0, j)
+        x0 = lay.pack(s0[mo.name], jnp.float64)
         if mo.nonnegative:
-            fault = fault.record(jnp.any(Xj < 0), _faults.NEGATIVE_STATE, 0, j)
+            fault = fault.record(jnp.any(x0 < 0), _faults.NEGATIVE_STATE, 0, j)
+        Xj, ok = _quantize(mo, x0, k)
+        fault = fault.record(~jnp.all(ok), _faults.STATE_OVERFLOW, 0, j)
         X0.append(Xj)
     fault = _faults.schedule_faults(fault, rule, hypers, decays, problem.steps)
     coding = _codings(rule, decays)
@@ -303,12 +340,11 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
             if mo.decay is not None:
                 q = di[mo.decay]
                 Xj, x[q], m[q], head[q], stacks[q], full[q] = _multiply(
-                    lay, Xj, x[q], m[q], head[q], stacks[q], codes[q], decs[q].grid, ones)
-            dX, ok = fp.round_checked(rule.increment(mo.name, g, dict(new), sv.h, sv.d, sv.c, sv.k)
-                                      * _scale(k + mo.scale))
-            Xj = Xj + dX
-            conds.append(~ok | fp.out_of_range_mask(Xj))
-            new[mo.name] = fp.to_float(Xj, k + mo.scale)
+                    lay, Xj, x[q], m[q], head[q], stacks[q], codes[q], decs[q].grid, ones, mo.wide)
+            dX, ok = _quantize(mo, rule.increment(mo.name, g, dict(new), sv.h, sv.d, sv.c, sv.k), k)
+            Xj = _add(mo, Xj, dX)
+            conds.append(~ok | _out_of_range(mo, Xj))
+            new[mo.name] = _to_float(mo, Xj, k)
             X_new.append(Xj)
         if wd is not None:
             q = di[wd]
@@ -374,7 +410,7 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
         x, m, head = list(x), list(m), list(head)
         codes = [_at_step(fw.coding[j], code_sl[j]) for j in range(len(decs))]
         sv = _step_values(lay, hypers, decays, h_sl, d_sl, (count0 + t + 1).astype(jnp.float64))
-        new = {mo.name: fp.to_float(X[j], k + mo.scale) for j, mo in enumerate(rule.moments)}
+        new = {mo.name: _to_float(mo, X[j], k) for j, mo in enumerate(rule.moments)}
         W = W - _update(rule, method, new, sv, t, k)[0]
         under = jnp.zeros((), bool)
         if wd is not None:
@@ -403,13 +439,13 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
         for j in reversed(range(len(rule.moments))):
             mo = rule.moments[j]
             prefix = {mm.name: new[mm.name] for mm in rule.moments[:j]}
-            dXj, _ = fp.round_checked(rule.increment(mo.name, g, prefix, sv.h, sv.d, sv.c, sv.k)
-                                      * _scale(k + mo.scale))
-            X[j] = X[j] - dXj
+            dXj, _ = _quantize(mo, rule.increment(mo.name, g, prefix, sv.h, sv.d, sv.c, sv.k), k)
+            X[j] = _sub(mo, X[j], dXj)
             if mo.decay is not None:
                 q = di[mo.decay]
                 X[j], x[q], m[q], head[q], e = _divide(lay, X[j], x[q], m[q], head[q],
-                                                       fw.stacks[q], codes[q], decs[q].grid, ones)
+                                                       fw.stacks[q], codes[q], decs[q].grid, ones,
+                                                       mo.wide)
                 under |= e
         dw = dw_p + lay.pack(jax.tree_util.tree_leaves(hw), jnp.float64)
         dX = tuple(ds[n] for n in names)
@@ -441,8 +477,8 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
     W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry
     fault = fault.record(~jnp.all(jnp.isfinite(dw)), _faults.NONFINITE_COTANGENT, 0)
     exact = jnp.all(W == fw.W0)
-    for a, b in zip(X, fw.X0):
-        exact &= jnp.all(a == b)
+    for mo, a, b in zip(rule.moments, X, fw.X0):
+        exact &= _equal(mo, a, b)
     for j, dec in enumerate(decs):
         exact &= _buffer.at_start(x[j], m[j], head[j], dec.grid)
     fault = fault.record(~exact, _faults.REVERSAL_DRIFT, 0)
@@ -592,10 +628,9 @@ class Reversible:
 
         def final(fw):
             k = self.frac_bits
-            unpack = lambda X, kk: [a.astype(dt) for a, dt in
-                                    zip(lay.unpack(fp.to_float(X, kk)), problem.dtypes)]
-            return unpack(fw.W, k), {n: unpack(X, k + mo.scale)
-                                     for n, X, mo in zip(names, fw.X, rule.moments)}
+            unpack = lambda x: [a.astype(dt) for a, dt in zip(lay.unpack(x), problem.dtypes)]
+            return (unpack(fp.to_float(fw.W, k)),
+                    {n: unpack(_to_float(mo, X, k)) for n, X, mo in zip(names, fw.X, rule.moments)})
 
         def fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays):
             fw = forward(p, self, capacity, w0, s0, count0, theta_f, theta_o, hypers, decays)

@@ -9,9 +9,10 @@ b1 and b2 are applied on the grid n / 2^24 (`exact._grid.FINE`: 0.9 ->
 0.89999998, 0.999 -> 0.99900001) and the weight-decay factor 1 - lr wd on
 n / 2^32 (`FINEST`, resolution 2.3e-10); derivatives are taken w.r.t. the
 unrounded values. Exact reversal stores log2(1 / b1) + log2(1 / b2) (+
-log2(1 / (1 - lr wd))) bits per weight per step. s holds g^2: its fixed point
-has 2 more fractional bits than the weights' (`Reversible(frac_bits=52)`: s
-in steps of 2^-54, |s| < 256, i.e. sustained |g| < 16).
+log2(1 / (1 - lr wd))) bits per weight per step. s holds g^2, whose values span
+many decades and are read relatively (g / sqrt(s)): it is held in 128-bit fixed
+point (`exact._wide`; `Reversible(frac_bits=52)`: steps of 2^-116, s < 1024,
+i.e. sustained |g| < 32), m in the weights' 64-bit fixed point.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Adam(Rule):
     name = "adam"
     hyper_kinds = {"lr": REAL, "b1": DECAY, "b2": DECAY, "eps": POSITIVE,
                    "weight_decay": NONNEGATIVE}
-    moments = (Moment("m", "b1"), Moment("s", "b2", scale=2, nonnegative=True))
+    moments = (Moment("m", "b1"), Moment("s", "b2", nonnegative=True, wide=True))
     counted = True
     isolate_update = True
     State = AdamState

@@ -39,12 +39,15 @@ class Moment(NamedTuple):
     """A state array like params: `name`, the decay that multiplies it (or None), its
     fixed point's extra fractional bits over the weights' (`Reversible(frac_bits=k)` holds it
     as round(x 2^(k + scale)), range |x| < 2^(62 - k - scale)), and whether it must be >= 0
-    (a mean square: a negative initial value is refused)."""
+    (a mean square: a negative initial value is refused), and whether it is held wide
+    (128 bits, `exact._wide`: for a mean square, whose values span many decades and are read
+    relatively; `scale` is then unused)."""
 
     name: str
     decay: str | None
     scale: int = 0
     nonnegative: bool = False
+    wide: bool = False
 
 
 class Decay(NamedTuple):
@@ -75,6 +78,24 @@ class Rule:
 
     name: ClassVar[str]
     hyper_kinds: ClassVar[dict]          # hyperparameter name -> kind, in signature order
+
+    def __init_subclass__(cls, **kw):
+        """Every rule is a pytree whose leaves are its hyperparameters (so `jax.grad` w.r.t. a
+        rule returns a rule of hypergradients, and rules pass through `jax.jit`); a
+        non-negative hyperparameter that is the Python number 0 (off, e.g. Adam's weight
+        decay) is static, so tracing does not turn it on."""
+        super().__init_subclass__(**kw)
+
+        def flatten(rule):
+            names = tuple(n for n in rule.hyper_kinds if not _off(rule, n))
+            static = tuple((n, getattr(rule, n)) for n in rule.hyper_kinds if _off(rule, n))
+            return tuple(getattr(rule, n) for n in names), (names, static)
+
+        def unflatten(aux, children):
+            names, static = aux
+            return cls(**dict(zip(names, children)), **dict(static))
+
+        jax.tree_util.register_pytree_node(cls, flatten, unflatten)
     moments: ClassVar[tuple]             # of Moment, in update order
     counted: ClassVar[bool] = False      # the state carries a step count (bias corrections)
     isolate_update: ClassVar[bool] = False   # compute `update` isolated in both exact passes
@@ -138,6 +159,12 @@ class Rule:
         if self.weight_decay_name is not None:
             w = w - c[self.weight_decay_name] * w
         return (w + self.update(new, h, d, c, k)).astype(dt), new
+
+
+def _off(rule, name) -> bool:
+    v = getattr(rule, name)
+    return (rule.hyper_kinds[name] == NONNEGATIVE and isinstance(v, (int, float))
+            and not isinstance(v, bool) and v == 0)
 
 
 def safe_sqrt(x):

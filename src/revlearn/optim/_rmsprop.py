@@ -8,7 +8,8 @@ lr enters).
 The weight update reads v, which was updated from g at the pre-update
 weights, so the step reverses exactly (plain RMSProp, whose weight update reads
 g itself, does not). The decay d and the momentum m are applied on the grid
-n / 2^24 (`exact._grid.FINE`); s has 2 more fractional bits than the weights.
+n / 2^24 (`exact._grid.FINE`); s is held in 128-bit fixed point (`exact._wide`), as
+Adam's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class RMSPropMomentum(Rule):
 
     name = "rmsprop_momentum"
     hyper_kinds = {"lr": REAL, "decay": DECAY, "momentum": DECAY, "eps": POSITIVE}
-    moments = (Moment("s", "decay", scale=2, nonnegative=True), Moment("v", "momentum"))
+    moments = (Moment("s", "decay", nonnegative=True, wide=True), Moment("v", "momentum"))
     State = RMSPropMomentumState
 
     def decays(self):

@@ -146,7 +146,7 @@ def child(spec: dict) -> None:
     out["plain_all_s"], out["hyper_all_s"] = ph, hh
     out["ratio"] = out["hyper_s"] / out["plain_s"]
 
-    if name == "reversible" and spec.get("profile", True):
+    if name == "reversible" and T <= spec.get("profile_max_steps", 10**9):
         # Where the time goes. Every part runs T steps; all are timed in the same rounds as
         # plain training and the hypergradient (interleaved, one run each per round), so the
         # machine's load drifts equally into all of them.
@@ -236,6 +236,10 @@ def child(spec: dict) -> None:
         out["reverse_bound_ratio"] = float(np.median(
             (pr["rev_forward_s"] + pr["iso_hvps_only_s"]) / pr["plain_s"]))
         out["round_ratios"] = {k: float(np.median(v / pr["plain_s"])) for k, v in pr.items()}
+        # the recomputation floor: plain training plus T steps of the gradient and its VJP
+        # (isolated, as Reversible runs them), and the hypergradient over it, per round
+        out["recompute_floor_ratio"] = float(np.median((pr["plain_s"] + pr["iso_hvps_only_s"]) / pr["plain_s"]))
+        out["hyper_over_floor"] = float(np.median(pr["hyper_s"] / (pr["plain_s"] + pr["iso_hvps_only_s"])))
 
         bu_fn = getattr(revlearn, "buffer_usage", None)
         if bu_fn is not None:
@@ -271,6 +275,10 @@ def main(argv=None):
     ap.add_argument("--no-cells", action="store_true", help="skip the timed cells (e.g. with --xla-memory)")
     ap.add_argument("--xla-memory", action="store_true",
                     help="also report XLA's buffer plan (temp bytes) of each hypergradient program")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                    help="methods to time (default all three)")
+    ap.add_argument("--profile-max-steps", type=int, default=10**9,
+                    help="profile Reversible only at T up to this")
     ap.add_argument("--optimizer", choices=["momentum", "adam"], default="momentum",
                     help="inner optimiser (default momentum, the paper's)")
     ap.add_argument("--name", help="results file stem (default core, or core_quick with --quick)")
@@ -291,9 +299,9 @@ def main(argv=None):
     cells = []
     measured_unrolled = None
     for T in ([] if a.no_cells else sorted(steps)):
-        for m in METHODS:
+        for m in a.methods:
             spec = {"kind": "cell", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": a.reps,
-                    "optimizer": a.optimizer}
+                    "optimizer": a.optimizer, "profile_max_steps": a.profile_max_steps}
             if m == "unrolled" and measured_unrolled is not None:
                 est = unrolled_estimate_gib(measured_unrolled, T, base_mib)
                 if est > a.mem_limit_gib:
@@ -312,7 +320,7 @@ def main(argv=None):
     xla = []
     if a.xla_memory:
         for T in sorted(steps):
-            for m in METHODS:
+            for m in a.methods:
                 spec = {"kind": "xla_memory", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": 1,
                         "optimizer": a.optimizer}
                 xla.append({**spec, **run_child(me, spec, 3000)})
@@ -412,6 +420,15 @@ def render(info, base, cells, large_r, xla=(), optimizer="momentum") -> str:
               "over rounds of each round's ratio: the forward pass as it runs plus the reverse "
               "pass's autodiff alone, a floor for any work on the reverse pass's fixed-point and "
               "buffer steps."]
+    fl = [c for c in cells if c["method"] == "reversible" and "hyper_over_floor" in c]
+    if fl:
+        L += ["", "Against the recomputation floor (plain training + T steps of the gradient and its "
+              "VJP, isolated as Reversible runs them; medians of per-round ratios):", "",
+              "| T | floor / plain training | Rev. hypergradient / plain | Rev. hypergradient / floor |",
+              "|---:|---:|---:|---:|"]
+        for c in fl:
+            L.append(f"| {c['T']} | {c['recompute_floor_ratio']:.2f}x | {c['round_ratios']['hyper_s']:.2f}x | "
+                     f"{c['hyper_over_floor']:.3f}x |")
     rr = [c for c in cells if c["method"] == "reversible" and c.get("round_ratios")]
     if rr:
         L += ["", "The same rounds as ratios to plain training, each round's parts divided by that "

@@ -91,7 +91,9 @@ def isolated(fn, step, operands):
     """fn(operands) as the branch of a `lax.cond` on `step >= 0` (always true, not known to
     the compiler): a computation XLA compiles on its own, with the same bits wherever it is
     called (see `isolated_gradient`)."""
-    return jax.lax.cond(step >= 0, fn, fn, operands)
+    # the barrier keeps the compiler from folding a constant predicate (a loop of one step
+    # is unrolled, its step index known) and then inlining the branch into its neighbours
+    return jax.lax.cond(jax.lax.optimization_barrier(step) >= 0, fn, fn, operands)
 
 
 def split_inexact(tree):

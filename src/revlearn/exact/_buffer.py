@@ -271,7 +271,7 @@ def decode(v: jax.Array, x: jax.Array, spill: jax.Array, word: jax.Array, c: Cod
     # v = a n + s with |a| < 2^(62 - d) (a = X >> d of the forward step), so one float
     # estimate of a is off by at most one, as in `_divmod_small`
     _, s = _divmod_small(v, c.n, c.inv_n)
-    r, x = uncode(s, x, spill, word, c, one, grid)
+    r, x, s = uncode(s, x, spill, word, c, one, grid)
     # v - s = a n exactly, a below 2^47: a rounded float estimate is exact
     a = jnp.round((v - s).astype(jnp.float64) * c.inv_n).astype(jnp.int64)
     return (a << grid.bits) | r, x
@@ -279,22 +279,23 @@ def decode(v: jax.Array, x: jax.Array, spill: jax.Array, word: jax.Array, c: Cod
 
 def uncode(s: jax.Array, x: jax.Array, spill: jax.Array, word: jax.Array, c: Coding, one=None,
            grid: Grid = MOMENTUM):
-    """Exact inverse of `code`: (s, x', spill, the word pushed) -> (r, x)."""
+    """Exact inverse of `code`: (s, x', spill, the word pushed) -> (r, x, s), s as computed
+    once (`_kept`) for the caller to reuse."""
     sb, p = grid.slot_bits, grid.precision
     one = one if grid.packs else None
-    f, start = _frequency(s, c, grid)
-    inv_f = jnp.where(f > c.q, c.inv_q1, c.inv_q)
-    _, lo = _divmod_small(x, f, inv_f)
+    f, _ = _frequency(s, c, grid)
+    _, lo = _divmod_small(x, f, jnp.where(f > c.q, c.inv_q1, c.inv_q))
     if one is not None:
         z = _kept((s << p) | lo, one)                   # s < 2^d, lo < f <= 2^p
         s, lo = z >> p, z & ((1 << p) - 1)
-        f, start = _frequency(s, c, grid)
+    f, start = _frequency(s, c, grid)
     # x - lo = hi f exactly, hi below 2^47: a rounded float estimate is exact
-    hi = jnp.round((x - lo).astype(jnp.float64) * inv_f).astype(jnp.int64)
+    hi = jnp.round((x - lo).astype(jnp.float64)
+                   * jnp.where(f > c.q, c.inv_q1, c.inv_q)).astype(jnp.int64)
     y = lo + start                                      # encode s: x1 = hi 2^p + y
     x = (hi << sb) | (y & ((1 << sb) - 1))              # decode r = y >> slot_bits
     x = jnp.where(spill, (x << grid.word_bits) | word.astype(jnp.int64), x)
-    return y >> sb, x
+    return y >> sb, x, s
 
 
 def push(stack: jax.Array, head: jax.Array, spill: jax.Array, word: jax.Array):

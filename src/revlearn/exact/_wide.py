@@ -45,18 +45,27 @@ def _u(x):
 
 def quantize(v: jax.Array, k: int) -> tuple[Wide, jax.Array]:
     """round(v 2^(k + 64)) for float64 v >= 0, and elementwise whether v was in range
-    (0 <= v < 2^(62 - k), finite); out-of-range entries give 0."""
+    (0 <= v < 2^(62 - k), finite); out-of-range entries give 0.
+
+    Every float <-> integer conversion here is of a value below 2^62 through int64: XLA CPU
+    converts float64 to and from uint64 above 2^63 by sequences that need not give the same
+    bits in every fusion, and the two passes must agree to the bit."""
     y = jnp.asarray(v, jnp.float64) * (2.0 ** k)
     ok = (y >= 0) & (y < HI_LIMIT)                     # False for nan
     y = jnp.where(ok, y, 0.0)
     hi = jnp.floor(y)
-    lo = jnp.round((y - hi) * 2.0 ** 64)               # y - hi is exact; < 2^64 (53-bit fraction)
-    return Wide(hi.astype(U), lo.astype(U)), ok
+    f = (y - hi) * 2.0 ** 32                           # y - hi is exact; the fraction in [0, 2^32)
+    f1 = jnp.floor(f)
+    f0 = jnp.round((f - f1) * 2.0 ** 32)               # <= 2^32
+    lo = (_u(f1.astype(jnp.int64)) << 32) + _u(f0.astype(jnp.int64))
+    return Wide(_u(hi.astype(jnp.int64)), lo), ok
 
 
 def to_float(x: Wide, k: int) -> jax.Array:
-    """X 2^-(k + 64) as float64."""
-    return x.hi.astype(jnp.float64) * (2.0 ** -k) + x.lo.astype(jnp.float64) * (2.0 ** -(k + 64))
+    """X 2^-(k + 64) as float64 (conversions of values below 2^62 only, see `quantize`)."""
+    f = lambda a: a.astype(jnp.int64).astype(jnp.float64)
+    lo = f(x.lo >> 32) * 2.0 ** 32 + f(x.lo & M32)     # the product is exact: one rounding
+    return f(x.hi) * (2.0 ** -k) + lo * (2.0 ** -(k + 64))
 
 
 def add(a: Wide, b: Wide) -> Wide:
@@ -113,5 +122,5 @@ def decode(v: Wide, x: jax.Array, spill: jax.Array, word: jax.Array, c: _buffer.
     """Exact inverse of `encode`: (X', x', spill, the word pushed) -> (X, x)."""
     d = grid.bits
     a, s = _divmod(v, c.n, c.inv_n)
-    r, x = _buffer.uncode(s, x, spill, word, c, None, grid)
+    r, x, _ = _buffer.uncode(s, x, spill, word, c, None, grid)
     return Wide((a.hi << d) | (a.lo >> (64 - d)), (a.lo << d) | _u(r)), x

@@ -371,14 +371,28 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
     return Forward(W, X, x, m, head, stacks, path, fault, W0, tuple(X0), coding)
 
 
-def _float_step_packed(rule, lay: Layout):
-    """The rule's float step on the packed state, with the hyperparameters and decays given
-    as per-leaf entries (so that the VJP returns their adjoints in the entries' shapes)."""
-    def f(w, moments, g, h_entries, d_entries, k):
-        h = {n: lay.spread(e, jnp.float64) for n, e in h_entries.items()}
-        d = {n: lay.spread(e, jnp.float64) for n, e in d_entries.items()}
-        return rule.float_step(w, moments, g, h, d, k)
-    return f
+def _entry_adjoints(lay: Layout, cts: dict, entries: dict) -> dict:
+    """Per name, the adjoints of the per-leaf entries from the adjoint of their packed spread
+    (each [nblocks, 1] or [nblocks, BLOCK]): the single-value entries of every name through
+    one row reduction and one segment sum, the others summed over their leaf to their shape."""
+    names = list(cts)
+    single = {n: [np.size(e) == 1 for e in entries[n]] for n in names}
+    rows = [cts[n][:, 0] if cts[n].shape[-1] == 1 else jnp.sum(cts[n], axis=-1) for n in names]
+    sums = lay.sums(jnp.stack(rows)[..., None]) if rows else None        # [names, L]
+    out = {}
+    for j, n in enumerate(names):
+        full = jnp.broadcast_to(cts[n], lay.shape)
+        out[n] = [sums[j, i].reshape(np.shape(e)) if single[n][i]
+                  else _sum_to(lay.leaf(full, i), np.shape(e)) for i, e in enumerate(entries[n])]
+    return out
+
+
+def _sum_to(x: jax.Array, shape: tuple) -> jax.Array:
+    """Sum x [*S] down to `shape` (broadcastable to S): the adjoint of broadcasting."""
+    lead = x.ndim - len(shape)
+    x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+    ones = tuple(i for i, (a, b) in enumerate(zip(shape, x.shape)) if a == 1 and b != 1)
+    return jnp.sum(x, axis=ones, keepdims=True) if ones else x
 
 
 def _before(rule, new: dict, g, sv: _Step) -> dict:
@@ -401,7 +415,6 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
     di = {d.name: j for j, d in enumerate(decs)}
     zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
     wd = rule.weight_decay_name
-    step_f = _float_step_packed(rule, lay)
     names = [mo.name for mo in rule.moments]
 
     def step(carry, xs):
@@ -422,18 +435,41 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
         params = problem.treedef.unflatten([l.astype(dt) for l, dt in
                                             zip(lay.unpack(w_t), problem.dtypes)])
 
-        def ct_fn(out):
-            g = lay.pack(jax.tree_util.tree_leaves(out[0]), jnp.float64)
-            prev = _before(rule, new, g, sv)
-            _, vjp = jax.vjp(lambda w, s, g, he, de: step_f(w, s, g, he, de, sv.k),
-                             w_t, prev, g, sv.h_entries, sv.d_entries)
-            dw_p, ds, dg, dhe, dde = vjp((dw, dict(zip(names, dX))))
-            ct = problem.treedef.unflatten([c.astype(dt) for c, dt in
-                                            zip(lay.unpack(dg), problem.dtypes)])
-            return (ct, jnp.asarray(ct_path, path_dtype)), (dw_p, ds, dhe, dde)
+        def adjoint(prev, g):
+            """The VJP of the rule's float step at (w_t, prev, g): (dw, dmoments, dg, and the
+            adjoints of the hyperparameters' and decays' entries)."""
+            reads = {n: sv.h[n] for n in rule.step_reads}
+            _, vjp = jax.vjp(lambda w, s, g, h, d: rule.float_step(w, s, g, h, d, sv.k),
+                             w_t, prev, g, reads, sv.d)
+            dw_p, ds, dg, dh, dd = vjp((dw, dict(zip(names, dX))))
+            adj = _entry_adjoints(lay, {**{("h", n): a for n, a in dh.items()},
+                                        **{("d", n): a for n, a in dd.items()}},
+                                  {**{("h", n): sv.h_entries[n] for n in dh},
+                                   **{("d", n): e for n, e in sv.d_entries.items()}})
+            # hyperparameters the step reads only through its decays: their adjoint comes
+            # from the decays' (outside the reversal, by JAX)
+            zero = {n: [jnp.zeros(np.shape(e), jnp.float64) for e in sv.h_entries[n]]
+                    for n in sv.h_entries if n not in dh}
+            return (dw_p, ds, dg, {**{n: adj[("h", n)] for n in dh}, **zero},
+                    {n: adj[("d", n)] for n in dd})
 
-        (g_tree, _), (hw, hth), (dw_p, ds, dhe, dde) = gradient(
-            method, problem, params, theta_f, theta_o, t, ct_fn)
+        def cotangent(dg):
+            return (problem.treedef.unflatten([c.astype(dt) for c, dt in
+                                               zip(lay.unpack(dg), problem.dtypes)]),
+                    jnp.asarray(ct_path, path_dtype))
+
+        if rule.affine_in_gradient:
+            # g's cotangent reads neither g nor the state: form it before g is recomputed, and
+            # take the rest of the adjoint after the exact state is recovered
+            ct = cotangent(adjoint(new, jnp.zeros_like(w_t))[2])
+            ct_fn = lambda out: (ct, None)
+        else:
+            def ct_fn(out):
+                g = lay.pack(jax.tree_util.tree_leaves(out[0]), jnp.float64)
+                dw_p, ds, dg, dhe, dde = adjoint(_before(rule, new, g, sv), g)
+                return cotangent(dg), (dw_p, ds, dhe, dde)
+
+        (g_tree, _), (hw, hth), extra = gradient(method, problem, params, theta_f, theta_o, t, ct_fn)
         g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
         X = list(X)
         for j in reversed(range(len(rule.moments))):
@@ -447,13 +483,20 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
                                                        fw.stacks[q], codes[q], decs[q].grid, ones,
                                                        mo.wide)
                 under |= e
+        if rule.affine_in_gradient:
+            prev = {mo.name: _to_float(mo, X[j], k) for j, mo in enumerate(rule.moments)}
+            dw_p, ds, _, dhe, dde = adjoint(prev, g)
+        else:
+            dw_p, ds, dhe, dde = extra
         dw = dw_p + lay.pack(jax.tree_util.tree_leaves(hw), jnp.float64)
         dX = tuple(ds[n] for n in names)
         dth = jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), dth, hth)
         fault = fault.record(under, _faults.BUFFER_UNDERFLOW, t)
-        # every weight's dw enters the sum, so it tells whether this step's VJP left dw
-        # non-finite
-        fault = fault.record(~jnp.isfinite(jnp.sum(dw)), _faults.NONFINITE_COTANGENT, t)
+        # every weight's dw enters the adjoints of the hyperparameters (through the update,
+        # which reads one: lr), so their sum, made from values computed anyway, tells whether
+        # the step's VJP left dw non-finite (inf * 0 is nan)
+        total = sum(jnp.sum(e) for e in jax.tree_util.tree_leaves((dhe, dde)))
+        fault = fault.record(~jnp.isfinite(total), _faults.NONFINITE_COTANGENT, t + 1)
         dh_c = {n: tuple(None if c is None else a + e.astype(a.dtype) for c, a, e in
                          zip(hypers[n].constant, dh_c[n], dhe[n])) for n in hypers}
         dd_c = {n: tuple(None if c is None else a + e.astype(a.dtype) for c, a, e in

@@ -47,6 +47,7 @@ class Adam(Rule):
     name = "adam"
     hyper_kinds = {"lr": REAL, "b1": DECAY, "b2": DECAY, "eps": POSITIVE,
                    "weight_decay": NONNEGATIVE}
+    step_reads = ("lr", "eps")
     moments = (Moment("m", "b1"), Moment("s", "b2", nonnegative=True, wide=True))
     counted = True
     isolate_update = True

@@ -97,9 +97,15 @@ class Rule:
 
         jax.tree_util.register_pytree_node(cls, flatten, unflatten)
     moments: ClassVar[tuple]             # of Moment, in update order
+    step_reads: ClassVar[tuple]          # hyperparameters `increment`/`update` read as such
+                                         # (the others reach the step only through decays)
     counted: ClassVar[bool] = False      # the state carries a step count (bias corrections)
     isolate_update: ClassVar[bool] = False   # compute `update` isolated in both exact passes
                                              # (it uses pow, whose bits may depend on fusion)
+    affine_in_gradient: ClassVar[bool] = False   # the step is affine in g with coefficients
+                                                 # that do not read the state (momentum): the
+                                                 # reverse pass can then form g's cotangent
+                                                 # before recomputing g
     State: ClassVar[type]                # the state NamedTuple (fields: "count" if counted, moments)
 
     def hypers(self) -> dict:

@@ -33,7 +33,9 @@ class Momentum(Rule):
     name = "momentum"
     hyper_kinds = {"lr": REAL, "momentum": DECAY}
     moments = (Moment("v", "momentum"),)
+    step_reads = ("lr",)
     State = MomentumState
+    affine_in_gradient = True
 
     def decays(self):
         return (Decay("momentum", MOMENTUM, ("momentum",), lambda h: h["momentum"], "momentum"),)

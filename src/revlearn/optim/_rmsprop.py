@@ -40,6 +40,7 @@ class RMSPropMomentum(Rule):
     name = "rmsprop_momentum"
     hyper_kinds = {"lr": REAL, "decay": DECAY, "momentum": DECAY, "eps": POSITIVE}
     moments = (Moment("s", "decay", nonnegative=True, wide=True), Moment("v", "momentum"))
+    step_reads = ("lr", "eps")
     State = RMSPropMomentumState
 
     def decays(self):

@@ -229,8 +229,8 @@ def encode(v: jax.Array, x: jax.Array, spill: jax.Array, c: Coding, one=None,
     """Elementwise core of `multiply` (any broadcastable shapes): X -> X n / 2^d.
 
     Returns (X', x', word): `word` is the low word of x before the step,
-    which the caller must push where `spill`. `one`: see `_kept` (used only
-    where the grid's symbol and slot fit in 53 bits).
+    which the caller must push where `spill`. `one`: see `_kept` (symbol and slot kept
+    together where they fit in 53 bits, else each).
     """
     s, x, word = code(v & ((1 << grid.bits) - 1), x, spill, c, one, grid)
     return (v >> grid.bits) * c.n + s, x, word
@@ -241,7 +241,6 @@ def code(r: jax.Array, x: jax.Array, spill: jax.Array, c: Coding, one=None,
     """The coder's half of `encode`: take r in [0, 2^d) into x, give s in [0, n) out of it
     (s = r n / 2^d to within about one). Returns (s, x', word)."""
     sb, p = grid.slot_bits, grid.precision
-    one = one if grid.packs else None
     word = (x & ((1 << grid.word_bits) - 1)).astype(grid.word_dtype)
     x = jnp.where(spill, x >> grid.word_bits, x)
     # encode r into slot y of [0, 2^p), then decode s from that slot
@@ -257,9 +256,11 @@ def code(r: jax.Array, x: jax.Array, spill: jax.Array, c: Coding, one=None,
         t, _ = _divmod_small(jnp.where(low, y, y - split), jnp.where(low, c.q + 1, c.q),
                              jnp.where(low, c.inv_q1, c.inv_q))
         s = jnp.where(low, t, c.rem + t)
-    if one is not None:
+    if one is not None and grid.packs:
         z = _kept((s << p) | y, one)     # s < 2^d, y < 2^p, d + p <= 53
         s, y = z >> p, z & ((1 << p) - 1)
+    elif one is not None:
+        s = _kept(s, one)                # s < 2^32
     f, start = _frequency(s, c, grid)
     x = f * (x >> sb) + (y - start)
     return s, x, word
@@ -282,13 +283,18 @@ def uncode(s: jax.Array, x: jax.Array, spill: jax.Array, word: jax.Array, c: Cod
     """Exact inverse of `code`: (s, x', spill, the word pushed) -> (r, x, s), s as computed
     once (`_kept`) for the caller to reuse."""
     sb, p = grid.slot_bits, grid.precision
-    one = one if grid.packs else None
-    f, _ = _frequency(s, c, grid)
-    _, lo = _divmod_small(x, f, jnp.where(f > c.q, c.inv_q1, c.inv_q))
-    if one is not None:
+    if one is not None and grid.packs:
+        f, _ = _frequency(s, c, grid)
+        _, lo = _divmod_small(x, f, jnp.where(f > c.q, c.inv_q1, c.inv_q))
         z = _kept((s << p) | lo, one)                   # s < 2^d, lo < f <= 2^p
         s, lo = z >> p, z & ((1 << p) - 1)
-    f, start = _frequency(s, c, grid)
+        f, start = _frequency(s, c, grid)
+    else:
+        # s and its slots once, each (f <= 2^(p - d + 8), start < 2^p < 2^53)
+        f, start = _frequency(_kept(s, one), c, grid)
+        f, start = _kept(f, one), _kept(start, one)
+        _, lo = _divmod_small(x, f, jnp.where(f > c.q, c.inv_q1, c.inv_q))
+        lo = _kept(lo, one)
     # x - lo = hi f exactly, hi below 2^47: a rounded float estimate is exact
     hi = jnp.round((x - lo).astype(jnp.float64)
                    * jnp.where(f > c.q, c.inv_q1, c.inv_q)).astype(jnp.int64)

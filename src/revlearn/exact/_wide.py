@@ -97,30 +97,34 @@ def _mul_add(a: Wide, n: jax.Array, s: jax.Array) -> Wide:
     return Wide(hi + (lo2 < lo).astype(U), lo2)
 
 
-def _divmod(x: Wide, n: jax.Array, inv_n: jax.Array) -> tuple[Wide, jax.Array]:
+def _divmod(x: Wide, n: jax.Array, inv_n: jax.Array, one=None) -> tuple[Wide, jax.Array]:
     """(X div n, X mod n) for 2 <= n < 2^24, by long division in four 32-bit limbs; each
-    partial remainder r 2^32 + limb < 2^56 is divided exactly by `_buffer._divmod_small`."""
+    partial remainder r 2^32 + limb < 2^56 is divided exactly by `_buffer._divmod_small`.
+    `one` (see `_buffer._kept`): each quotient limb and remainder is computed once, not once
+    per array that reads it."""
     n = jnp.asarray(n, jnp.int64)
     rem = jnp.zeros(jnp.broadcast_shapes(x.hi.shape, jnp.shape(n)), jnp.int64)
     qs = []
     for limb in (x.hi >> 32, x.hi & M32, x.lo >> 32, x.lo & M32):
         q, rem = _buffer._divmod_small((rem << 32) | limb.astype(jnp.int64), n, inv_n)
-        qs.append(_u(q))
+        rem = _buffer._kept(rem, one)
+        qs.append(_u(_buffer._kept(q, one)))
     return Wide((qs[0] << 32) | qs[1], (qs[2] << 32) | qs[3]), rem
 
 
-def encode(v: Wide, x: jax.Array, spill: jax.Array, c: _buffer.Coding, grid: Grid):
-    """`_buffer.encode` on a wide X: X -> X n / 2^d exactly. Returns (X', x', word)."""
+def encode(v: Wide, x: jax.Array, spill: jax.Array, c: _buffer.Coding, grid: Grid, one=None):
+    """`_buffer.encode` on a wide X: X -> X n / 2^d exactly. Returns (X', x', word).
+    `one`: see `_buffer._kept`."""
     d = grid.bits
-    s, x, word = _buffer.code((v.lo & _u((1 << d) - 1)).astype(jnp.int64), x, spill, c, None, grid)
+    s, x, word = _buffer.code((v.lo & _u((1 << d) - 1)).astype(jnp.int64), x, spill, c, one, grid)
     a = Wide(v.hi >> d, (v.lo >> d) | (v.hi << (64 - d)))
     return _mul_add(a, c.n, s), x, word
 
 
 def decode(v: Wide, x: jax.Array, spill: jax.Array, word: jax.Array, c: _buffer.Coding,
-           grid: Grid):
+           grid: Grid, one=None):
     """Exact inverse of `encode`: (X', x', spill, the word pushed) -> (X, x)."""
     d = grid.bits
-    a, s = _divmod(v, c.n, c.inv_n)
-    r, x, _ = _buffer.uncode(s, x, spill, word, c, None, grid)
+    a, s = _divmod(v, c.n, c.inv_n, one)
+    r, x, _ = _buffer.uncode(s, x, spill, word, c, one, grid)
     return Wide((a.hi << d) | (a.lo >> (64 - d)), (a.lo << d) | _u(r)), x

@@ -234,7 +234,7 @@ def _multiply(lay, X, x, m, head, stacks, codes, grid, ones, wide=False):
         m_new.append(mi)
     c = _spread_coding(lay, codes)
     if wide:
-        X, x, word = _wide.encode(X, x, lay.join(spill_l), c, grid)
+        X, x, word = _wide.encode(X, x, lay.join(spill_l), c, grid, ones)
     else:
         X, x, word = _buffer.encode(X, x, lay.join(spill_l), c, ones, grid)
     stacks_new, head_new, full = [], [], jnp.zeros((), bool)
@@ -260,7 +260,7 @@ def _divide(lay, X, x, m, head, stacks, codes, grid, ones, wide=False):
         under |= e
     c = _spread_coding(lay, codes)
     if wide:
-        X, x = _wide.decode(X, x, lay.join(spill_l), lay.join(words), c, grid)
+        X, x = _wide.decode(X, x, lay.join(spill_l), lay.join(words), c, grid, ones)
     else:
         X, x = _buffer.decode(X, x, lay.join(spill_l), lay.join(words), c, ones, grid)
     return X, x, tuple(m_new), tuple(head_new), under

@@ -13,7 +13,7 @@ same derivatives. Arguments are validated here, once, before any method runs.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

@@ -43,7 +43,6 @@ dw through a sum.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import NamedTuple
 
 import jax

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax.numpy as jnp
 
 from ..exact._grid import FINE, FINEST
 from ._base import DECAY, NONNEGATIVE, POSITIVE, REAL, Decay, Moment, Rule, safe_sqrt

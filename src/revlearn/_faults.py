@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .exact._grid import off_grid_traced
+from .optim._base import NONNEGATIVE, POSITIVE
+
 OK = 0
 NONFINITE_GRADIENT = 1
 WEIGHT_OVERFLOW = 2
@@ -31,9 +34,6 @@ REVERSAL_DRIFT = 7
 BUFFER_UNDERFLOW = 8
 NONFINITE_COTANGENT = 9
 NEGATIVE_STATE = 10         # arg: the moment
-VELOCITY_OVERFLOW = STATE_OVERFLOW      # revlearn 0.1's names
-MOMENTUM_RANGE = DECAY_RANGE
-NONFINITE_LR = BAD_HYPER
 
 
 class ReversibleError(FloatingPointError):
@@ -204,8 +204,6 @@ def schedule_faults(fault: Fault, rule, hypers: dict, decays: dict, steps: int) 
     """Record the first decay off its grid (DECAY_RANGE) and the first bad hyperparameter value
     (BAD_HYPER: not finite, or eps <= 0, weight decay < 0) over whole schedules, once per run
     (values that are traced cannot be checked before the run)."""
-    from .exact._grid import off_grid_traced
-    from .optim._base import NONNEGATIVE, POSITIVE
 
     def scan(schedule, bad_fn):
         stepwise = [False] * len(schedule.constant) + [True] * len(schedule.stepwise)

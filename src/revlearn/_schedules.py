@@ -146,6 +146,12 @@ def combine(fn, schedules: dict, names) -> Schedule:
     return Schedule(tuple(constant), tuple(stepwise))
 
 
+def at_step(schedule: Schedule, slices) -> list:
+    """Per leaf, the schedule's entry at one step: the constant [*B_i], or this step's slice of
+    the stepwise array (`slices`, as `lax.scan` hands them out)."""
+    return [c if c is not None else s for c, s in zip(schedule.constant, slices)]
+
+
 def entries(schedule: Schedule) -> list:
     """Per leaf, the constant entry or the stepwise array."""
     return [c if c is not None else s for c, s in zip(schedule.constant, schedule.stepwise)]

@@ -97,10 +97,6 @@ class Grid(NamedTuple):
     def largest(self) -> float:
         return self.max_numerator / self.denominator
 
-    def describe(self) -> str:
-        return (f"n/2^{self.bits} with {self.min_numerator} <= n <= {self.max_numerator}, i.e. "
-                f"[{self.smallest():.10g}, {self.largest():.10g}]")
-
 
 def _grid(bits: int, word_bits: int, precision: int) -> Grid:
     slot, low = precision - bits, 63 - bits - word_bits

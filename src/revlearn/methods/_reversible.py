@@ -118,11 +118,6 @@ def _codings(rule, decays: dict) -> tuple:
                                decays[dec.name]) for dec in rule.decays())
 
 
-def _at_step(schedule: _schedules.Schedule, slices) -> list:
-    """Per leaf, the schedule's entry at this step (shape B_i, broadcastable to the leaf)."""
-    return [c if c is not None else s for c, s in zip(schedule.constant, slices)]
-
-
 def _any_bits(*conds) -> jax.Array:
     """One pass over a leaf: bit j of the int32 result is set iff any(conds[j])."""
     code = sum(c.astype(jnp.int32) << j for j, c in enumerate(conds))
@@ -205,8 +200,8 @@ class _Step(NamedTuple):
 
 
 def _step_values(lay: Layout, hypers: dict, decays: dict, h_sl: dict, d_sl: dict, k) -> _Step:
-    he = {n: _at_step(hypers[n], h_sl[n]) for n in hypers}
-    de = {n: _at_step(decays[n], d_sl[n]) for n in decays}
+    he = {n: _schedules.at_step(hypers[n], h_sl[n]) for n in hypers}
+    de = {n: _schedules.at_step(decays[n], d_sl[n]) for n in decays}
     h = {n: lay.spread(e, jnp.float64) for n, e in he.items()}
     d = {n: lay.spread(e, jnp.float64) for n, e in de.items()}
     return _Step(he, de, h, d, {n: 1.0 - v for n, v in d.items()}, k)
@@ -328,7 +323,7 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
         W, X, x, m, head, stacks, path, fault = carry
         t, h_sl, d_sl, code_sl = xs
         x, m, head, stacks = list(x), list(m), list(head), list(stacks)
-        codes = [_at_step(coding[j], code_sl[j]) for j in range(len(decs))]
+        codes = [_schedules.at_step(coding[j], code_sl[j]) for j in range(len(decs))]
         sv = _step_values(lay, hypers, decays, h_sl, d_sl, (count0 + t + 1).astype(jnp.float64))
         (g_tree, path_t), _, _ = gradient(method, problem, _params(problem, lay, W, k), theta_f,
                                           theta_o, t)
@@ -420,7 +415,7 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
         W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry
         t, h_sl, d_sl, code_sl = xs
         x, m, head = list(x), list(m), list(head)
-        codes = [_at_step(fw.coding[j], code_sl[j]) for j in range(len(decs))]
+        codes = [_schedules.at_step(fw.coding[j], code_sl[j]) for j in range(len(decs))]
         sv = _step_values(lay, hypers, decays, h_sl, d_sl, (count0 + t + 1).astype(jnp.float64))
         new = {mo.name: _to_float(mo, X[j], k) for j, mo in enumerate(rule.moments)}
         W = W - _update(rule, method, new, sv, t, k)[0]
@@ -437,7 +432,7 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
         def adjoint(prev, g):
             """The VJP of the rule's float step at (w_t, prev, g): (dw, dmoments, dg, and the
             adjoints of the hyperparameters' and decays' entries)."""
-            reads = {n: sv.h[n] for n in rule.step_reads}
+            reads = {n: sv.h[n] for n in (rule.step_reads or sv.h)}
             _, vjp = jax.vjp(lambda w, s, g, h, d: rule.float_step(w, s, g, h, d, sv.k),
                              w_t, prev, g, reads, sv.d)
             dw_p, ds, dg, dh, dd = vjp((dw, dict(zip(names, dX))))

@@ -28,11 +28,6 @@ from .. import _faults, _schedules
 from .._problem import Prepared, decay_values
 
 
-def _at(schedule: _schedules.Schedule, slices) -> list:
-    """Per leaf, the schedule's entry at this step."""
-    return [c if c is not None else s for c, s in zip(schedule.constant, slices)]
-
-
 def _rule_step(p: Prepared):
     """(scan step, initial carry, xs, finish) for a `revlearn.optim` rule."""
     problem, rule, theta = p.problem, p.rule, p.theta
@@ -47,7 +42,7 @@ def _rule_step(p: Prepared):
         t, h_sl, d_sl = xs
         h = {n: _schedules.values(p.hypers[n], h_sl[n], problem.shapes, problem.dtypes)
              for n in names}
-        d = {n: _at(decays[n], d_sl[n]) for n in decays}
+        d = {n: _schedules.at_step(decays[n], d_sl[n]) for n in decays}
         grads, path_t = problem.gradient(problem.treedef.unflatten(w), theta, t)
         g_leaves = jax.tree_util.tree_leaves(grads)
         g_bad = jnp.zeros((), bool)

@@ -97,8 +97,9 @@ class Rule:
 
         jax.tree_util.register_pytree_node(cls, flatten, unflatten)
     moments: ClassVar[tuple]             # of Moment, in update order
-    step_reads: ClassVar[tuple]          # hyperparameters `increment`/`update` read as such
-                                         # (the others reach the step only through decays)
+    step_reads: ClassVar[tuple | None] = None   # hyperparameters `increment`/`update` read
+                                                # as such (None: all; the others reach the
+                                                # step only through decays)
     counted: ClassVar[bool] = False      # the state carries a step count (bias corrections)
     isolate_update: ClassVar[bool] = False   # compute `update` isolated in both exact passes
                                              # (it uses pow, whose bits may depend on fusion)
@@ -139,12 +140,6 @@ class Rule:
             fields["count"] = jnp.zeros((), jnp.int32)
         return self.State(**fields)
 
-    def decay(self, name: str) -> Decay:
-        for dec in self.decays():
-            if dec.name == name:
-                return dec
-        raise KeyError(name)
-
     def float_step(self, w, moments: dict, g, h: dict, d: dict, k):
         """One floating-point step of one array (or the packed state): returns (w', moments').
 
@@ -180,6 +175,3 @@ def safe_sqrt(x):
     pos = x > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
-
-def is_rule(x) -> bool:
-    return isinstance(x, Rule)

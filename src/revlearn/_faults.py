@@ -9,7 +9,10 @@ the step and the fix. Under `jax.jit` the exception surfaces as a
 
 Never return a wrong hypergradient silently: every path that can lose
 information (fixed-point overflow, an exhausted buffer, non-finite gradients,
-momentum out of range, drift of the reversal) has a code here.
+momentum out of range, drift of the reversal) has a code here, and the storing
+methods (`Unrolled`, `Checkpointed`) raise the same error when their
+floating-point weights or state overflow to inf/NaN (`NONFINITE_STATE`) or a
+hypergradient comes out non-finite (`guard_cotangents`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ REVERSAL_DRIFT = 7
 BUFFER_UNDERFLOW = 8
 NONFINITE_COTANGENT = 9
 NEGATIVE_STATE = 10         # arg: the moment
+NONFINITE_STATE = 11        # floating-point methods: a weight or the optimiser state is inf/NaN
 
 
 class ReversibleError(FloatingPointError):
@@ -142,9 +146,14 @@ def _message(code: int, step: int, arg: int, where: str, info: dict) -> str:
             f"{where}: the information buffer ran empty at step {step}: the reversal "
             "is out of step with the forward pass (non-deterministic loss_fn?)."),
         NONFINITE_COTANGENT: (
-            f"{where}: the hypergradient became non-finite at step {step} (the "
-            "Hessian-vector product overflowed): training is chaotic at these "
-            "hyperparameters; lower the learning rate or the number of steps."),
+            f"{where}: the hypergradient became non-finite "
+            + (f"at step {step} " if step >= 0 else "in the backward pass ")
+            + "(the Hessian-vector product overflowed, or the meta-loss is not finite): "
+            "training is chaotic at these hyperparameters; lower the learning rate or the "
+            "number of steps."),
+        NONFINITE_STATE: (
+            f"{where}: a weight or the optimiser state overflowed to inf or NaN at step "
+            f"{step}: training diverged. Lower the learning rate (or the gradients' scale)."),
     }
     return msgs.get(code, f"{where}: unknown fault code {code} at step {step}")
 
@@ -173,6 +182,46 @@ def raise_if_fault(fault: Fault, where: str, **info) -> None:
             raise ReversibleError(_message(int(code[i]), int(step[i]), int(arg[i]), where, info))
 
     jax.debug.callback(host, fault.code, fault.step, fault.arg)
+
+
+def guard_cotangents(tree, where: str, **info):
+    """`tree`, unchanged; in reverse mode, raise `ReversibleError` (NONFINITE_COTANGENT, "in the
+    backward pass") if the cotangent of any inexact leaf is not finite. Put it on the inputs of
+    a computation JAX differentiates, so a hypergradient that overflowed is never returned."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    idx = [i for i, l in enumerate(leaves)
+           if jnp.issubdtype(jnp.result_type(l), jnp.inexact) and jnp.size(l) > 0]
+    if not idx:
+        return tree
+
+    @jax.custom_vjp
+    def identity(*xs):
+        return xs
+
+    def fwd(*xs):
+        return xs, None
+
+    def bwd(_, cts):
+        bad = jnp.zeros((), bool)
+        for c in cts:
+            bad |= ~jnp.all(jnp.isfinite(c))
+        raise_if_fault(Fault.none().record(bad, NONFINITE_COTANGENT, -1), where, **info)
+        return tuple(cts)
+
+    identity.defvjp(fwd, bwd)
+    out = list(leaves)
+    for i, x in zip(idx, identity(*[leaves[i] for i in idx])):
+        out[i] = x
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def all_finite(leaves) -> jax.Array:
+    """Whether every inexact array in `leaves` is finite (a bool scalar)."""
+    ok = jnp.ones((), bool)
+    for a in leaves:
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact):
+            ok &= jnp.all(jnp.isfinite(a))
+    return ok
 
 
 def names(rule, frac_bits: int | None = None) -> Names:

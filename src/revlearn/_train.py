@@ -44,6 +44,23 @@ def _check_params(params0) -> None:
                 "trained, so it must be a float array. Move integer or key leaves into hypers.")
 
 
+def _check_hypers(hypers) -> None:
+    """Every leaf of hypers must be something JAX can trace: an array, a number, a key."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(hypers):
+        if isinstance(leaf, (jax.Array, jax.core.Tracer)):
+            continue  # JAX's own (typed keys included)
+        if isinstance(leaf, (np.ndarray, np.generic, bool, int, float, complex)):
+            dt = np.asarray(leaf).dtype
+            if dt.kind not in "OSUV":
+                continue
+            kind = f"{dt.name} array"
+        else:
+            kind = type(leaf).__name__
+        raise TypeError(f"hypers{jax.tree_util.keystr(path)} is a {kind} ({leaf!r:.40}); every "
+                        "leaf of hypers must be an array or a number. Keep other values out of "
+                        "hypers (close over them in loss_fn).")
+
+
 def is_optax(opt) -> bool:
     """An optax `GradientTransformation` (duck-typed: optax is not needed to run revlearn)."""
     return (not isinstance(opt, _base.Rule) and callable(getattr(opt, "init", None))
@@ -212,6 +229,7 @@ def prepare(loss_fn, params0, hypers=None, *, optimizer=None, steps, state0=None
         raise TypeError(f"optimizer={optimizer!r} is not an update rule: use {RULES} (or, with "
                         "Unrolled/Checkpointed, an optax GradientTransformation).")
     _check_params(params0)
+    _check_hypers(hypers)
 
     if isinstance(optimizer, _base.Rule):
         rule = optimizer

@@ -35,6 +35,12 @@ def _rule_step(p: Prepared):
     names = list(p.hypers)
     fault0 = _faults.schedule_faults(_faults.Fault.none(), rule, p.hypers, p.decays,
                                      problem.steps)
+    for j, mo in enumerate(rule.moments):
+        if mo.nonnegative:  # e.g. Adam's s: a negative one would be silently NaN-free garbage
+            neg = jnp.zeros((), bool)
+            for x in jax.tree_util.tree_leaves(p.state0[mo.name]):
+                neg |= jnp.any(x < 0)
+            fault0 = fault0.record(neg, _faults.NEGATIVE_STATE, 0, j)
     count0 = p.state0.get("count", jnp.int32(0))
 
     def step(carry, xs):
@@ -45,10 +51,7 @@ def _rule_step(p: Prepared):
         d = {n: _schedules.at_step(decays[n], d_sl[n]) for n in decays}
         grads, path_t = problem.gradient(problem.treedef.unflatten(w), theta, t)
         g_leaves = jax.tree_util.tree_leaves(grads)
-        g_bad = jnp.zeros((), bool)
-        for g in g_leaves:
-            g_bad |= ~jnp.all(jnp.isfinite(g))
-        fault = fault.record(g_bad, _faults.NONFINITE_GRADIENT, t)
+        fault = fault.record(~_faults.all_finite(g_leaves), _faults.NONFINITE_GRADIENT, t)
         k = (count0 + t + 1).astype(jnp.float64)
         w_new, mom_new = [], {m: [] for m in mom}
         for i, (wi, gi) in enumerate(zip(w, g_leaves)):
@@ -57,6 +60,8 @@ def _rule_step(p: Prepared):
             w_new.append(wi)
             for m in mom:
                 mom_new[m].append(new[m])
+        fault = fault.record(~_faults.all_finite(w_new + sum(mom_new.values(), [])),
+                             _faults.NONFINITE_STATE, t)
         return (w_new, mom_new, path + path_t, fault), None
 
     mom0 = {m.name: jax.tree_util.tree_leaves(p.state0[m.name]) for m in rule.moments}
@@ -84,12 +89,12 @@ def _optax_step(p: Prepared):
         t = xs
         params = problem.treedef.unflatten(w)
         grads, path_t = problem.gradient(params, theta, t)
-        g_bad = jnp.zeros((), bool)
-        for g in jax.tree_util.tree_leaves(grads):
-            g_bad |= ~jnp.all(jnp.isfinite(g))
-        fault = fault.record(g_bad, _faults.NONFINITE_GRADIENT, t)
+        fault = fault.record(~_faults.all_finite(jax.tree_util.tree_leaves(grads)),
+                             _faults.NONFINITE_GRADIENT, t)
         updates, state = tx.update(grads, state, params)
         w = [(wi + u).astype(wi.dtype) for wi, u in zip(w, jax.tree_util.tree_leaves(updates))]
+        fault = fault.record(~_faults.all_finite(w + jax.tree_util.tree_leaves(state)),
+                             _faults.NONFINITE_STATE, t)
         return (w, state, path + path_t, fault), None
 
     init = (jax.tree_util.tree_leaves(p.params0), p.state0, jnp.zeros((), jnp.result_type(float)),
@@ -102,7 +107,13 @@ def _optax_step(p: Prepared):
     return step, init, jnp.arange(problem.steps, dtype=jnp.int32), finish
 
 
-def _parts(p: Prepared):
+def _parts(p: Prepared, where: str):
+    """The scan's parts, with every differentiable input guarded: a non-finite hypergradient
+    raises (`_faults.guard_cotangents`) instead of being returned."""
+    info = {} if p.rule is None else {"names": _faults.names(p.rule)}
+    guarded = _faults.guard_cotangents(
+        (p.params0, p.state0, p.theta, p.hypers, p.decays), where + " (backward pass)", **info)
+    p = p._replace(**dict(zip(("params0", "state0", "theta", "hypers", "decays"), guarded)))
     return _rule_step(p) if p.rule is not None else _optax_step(p)
 
 
@@ -120,10 +131,11 @@ class Unrolled:
 
     def solve(self, p: Prepared):
         """Train; returns (w_T, state_T, path sum)."""
-        step, init, xs, finish = _parts(p)
+        where = "revlearn.train(method=Unrolled())"
+        step, init, xs, finish = _parts(p, where)
         carry, _ = jax.lax.scan(step, init, xs)
         w, state, path, fault = finish(carry)
-        _raise(p, fault, "revlearn.train(method=Unrolled())")
+        _raise(p, fault, where)
         return w, state, path
 
 
@@ -146,7 +158,8 @@ class Checkpointed:
         """Train; returns (w_T, state_T, path sum)."""
         T = p.problem.steps
         k = min(self.every or max(1, math.ceil(math.sqrt(T))), T)
-        step, init, xs, finish = _parts(p)
+        where = f"revlearn.train(method=Checkpointed(every={k}))"
+        step, init, xs, finish = _parts(p, where)
         m, r = divmod(T, k)
 
         @jax.checkpoint
@@ -160,5 +173,5 @@ class Checkpointed:
             tail = jax.tree_util.tree_map(lambda a: a[m * k:], xs)
             carry, _ = segment(carry, tail)
         w, state, path, fault = finish(carry)
-        _raise(p, fault, f"revlearn.train(method=Checkpointed(every={k}))")
+        _raise(p, fault, where)
         return w, state, path

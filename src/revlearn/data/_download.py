@@ -24,6 +24,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from revlearn.data._errors import DataCorruptError, DataError, DataMissingError
+
 __all__ = [
     "MNIST_MIRRORS",
     "MNIST_SHA256",
@@ -50,15 +52,16 @@ MNIST_SHA256: dict[str, str] = {
 _CHUNK = 1 << 20
 
 
-class DownloadError(OSError):
-    """No mirror delivered a verified file; the message lists every attempt."""
+class DownloadError(DataError):
+    """No mirror delivered a verified file; the message (one line) lists every attempt.
+    A `revlearn.data.DataError`, hence an OSError."""
 
 
 def sha256_uncompressed(path: str | os.PathLike) -> str:
     """sha256 hex digest of a file's content, inflated first if it is gzip.
 
     Raises:
-      ValueError: the gzip stream is truncated or corrupt.
+      DataCorruptError (a ValueError): the gzip stream is truncated or corrupt.
     """
     path = Path(path)
     with open(path, "rb") as f:
@@ -70,9 +73,9 @@ def sha256_uncompressed(path: str | os.PathLike) -> str:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
     except EOFError:
-        raise ValueError(f"{str(path)!r} is a truncated gzip stream") from None
+        raise DataCorruptError(f"{str(path)!r} is a truncated gzip stream") from None
     except (gzip.BadGzipFile, zlib.error) as e:
-        raise ValueError(f"{str(path)!r} is a corrupt gzip stream ({e})") from None
+        raise DataCorruptError(f"{str(path)!r} is a corrupt gzip stream ({e})") from None
     return h.hexdigest()
 
 
@@ -109,12 +112,12 @@ def download_file(
       The path of the verified file.
 
     Raises:
-      FileNotFoundError: ``data_dir`` does not exist.
+      DataMissingError (a FileNotFoundError): ``data_dir`` does not exist.
       DownloadError: every mirror failed; the message says why for each.
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FileNotFoundError(
+        raise DataMissingError(
             f"data_dir {str(data_dir)!r} does not exist; create it first "
             "(load_mnist creates its cache folder itself)"
         )
@@ -137,16 +140,16 @@ def download_file(
             os.replace(tmp_name, target)
             return target
         except (OSError, ValueError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", None) or e
-            failures.append(f"  {url}: {type(e).__name__}: {reason}")
+            reason = " ".join(str(getattr(e, "reason", None) or e).split())
+            failures.append(f"{url}: {type(e).__name__}: {reason}")
         finally:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
     raise DownloadError(
         f"could not download {name}.gz into {str(data_dir)!r}; every mirror "
-        "failed:\n" + "\n".join(failures) + "\nCheck the network connection, or "
+        "failed (" + "; ".join(failures) + "); check the network connection, or "
         f"place the file (gzip or raw IDX) in {str(data_dir)!r} yourself, or use "
-        "the bundled test set with load_mnist('embedded')."
+        "the bundled test set with load_mnist('embedded') (--data embedded)"
     )
 
 

@@ -14,6 +14,7 @@ from ._registry import (
     names,
     parse_value,
     register,
+    validate_config,
 )
 from . import quickstart  # noqa: E402,F401  (registers itself)
 from . import canonical_examples  # noqa: E402,F401  (registers itself)
@@ -36,4 +37,5 @@ __all__ = [
     "names",
     "parse_value",
     "register",
+    "validate_config",
 ]

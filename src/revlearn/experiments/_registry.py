@@ -14,6 +14,12 @@ How to add one (say `schedules`):
      `typing.Literal[...]`. It must have `seed: int`. If it reads MNIST, give it
      `data: str = "embedded"` and `data_dir: str | None = None` (set by
      `--data` / `--data-dir`; `data_dir` is not compared on `--resume`).
+     Its `__post_init__` checks every field's range with the helpers of
+     `_validate.py` (`check_fields(self)` first: types, finite floats, seed;
+     then `at_least`, `positive`, `check_clip`, `check_decay` for a momentum
+     or Adam decay on the core's grid, `check_pool`, ...), each raising one
+     line `key=value what is wrong; the fix`. The command line calls
+     `validate_config` before it writes anything.
    - `run(config, run_dir) -> dict`: do the work, writing into `run_dir` (a
      `revlearn.meta.RunDir`; honour `run_dir.resume`, e.g. by passing it to
      `revlearn.meta.meta_optimize`). Save everything `plot` needs (arrays with
@@ -41,22 +47,35 @@ How to add one (say `schedules`):
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Experiment", "ConfigError", "UnknownExperimentError", "register", "get", "names",
-           "all_experiments", "parse_value", "apply_overrides", "config_to_dict",
-           "IGNORED_ON_RESUME"]
+__all__ = [
+    "IGNORED_ON_RESUME",
+    "ConfigError",
+    "Experiment",
+    "UnknownExperimentError",
+    "all_experiments",
+    "apply_overrides",
+    "config_to_dict",
+    "get",
+    "names",
+    "parse_value",
+    "register",
+    "validate_config",
+]
 
 #: Config fields that do not change results and may differ on `--resume`.
 IGNORED_ON_RESUME = ("data_dir",)
 
 
 class ConfigError(ValueError):
-    """A config override that names no field or does not parse as its type."""
+    """A config override that names no field or does not parse as its type, or a config
+    value out of its range (one line: `key=value what is wrong; the fix`)."""
 
 
 class UnknownExperimentError(KeyError):
@@ -153,6 +172,10 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+class _NonFinite(ConfigError):
+    """A float override that parses but is nan or infinite."""
+
+
 def _type_name(tp) -> str:
     if isinstance(tp, type):
         return tp.__name__
@@ -171,7 +194,9 @@ def parse_value(text: str, tp, *, key: str = "value") -> Any:
             try:
                 return parse_value(text, arg, key=key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1 and isinstance(errors[0], _NonFinite):
+            raise errors[0]
         raise ConfigError(f"{key}={text!r} is not a valid {_type_name(tp)}")
     if origin is typing.Literal:
         for choice in args:
@@ -181,10 +206,19 @@ def parse_value(text: str, tp, *, key: str = "value") -> Any:
     if origin is tuple:
         parts = [p.strip() for p in text.split(",")] if text.strip() else []
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(parse_value(p, args[0], key=key) for p in parts)
-        if len(parts) != len(args):
+            items = list(zip(parts, args[:1] * len(parts)))
+        elif len(parts) != len(args):
             raise ConfigError(f"{key}={text!r} needs {len(args)} comma-separated values")
-        return tuple(parse_value(p, a, key=key) for p, a in zip(parts, args))
+        else:
+            items = list(zip(parts, args))
+        out = []
+        for p, a in items:
+            try:
+                out.append(parse_value(p, a, key=key))
+            except _NonFinite:
+                raise _NonFinite(f"{key}={text.strip()} holds {p}, which is not a finite "
+                                 "number (nan and inf are rejected); pass finite floats") from None
+        return tuple(out)
     if tp is bool:
         low = text.strip().lower()
         if low in _TRUE:
@@ -199,9 +233,13 @@ def parse_value(text: str, tp, *, key: str = "value") -> Any:
             raise ConfigError(f"{key}={text!r} is not an int") from None
     if tp is float:
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ConfigError(f"{key}={text!r} is not a float") from None
+        if not math.isfinite(value):
+            raise _NonFinite(f"{key}={text.strip()} is not a finite number (nan and inf are "
+                             "rejected); pass a finite float")
+        return value
     if tp is str:
         return text
     raise ConfigError(f"{key} has type {_type_name(tp)}, which the command line cannot parse")
@@ -228,7 +266,35 @@ def apply_overrides(experiment: Experiment, config: Any, overrides: Iterable[str
     try:
         return dataclasses.replace(config, **changes)
     except (ValueError, TypeError) as e:  # the Config's own validation
-        raise ConfigError(f"{experiment.name}: {e}") from None
+        raise ConfigError(f"{experiment.name}: {_one_line(e)}") from None
+
+
+def validate_config(experiment: Experiment, config: Any) -> Any:
+    """Check `config` before any work and return it: the generic checks driven by the
+    field types (each value has its field's type, every float and tuple of floats is
+    finite, seed >= 0), then the Config's own range checks (`__post_init__`, run again
+    in case the config was built around them). Safe on the defaults and smoke configs.
+
+    Raises:
+      ConfigError: one line, `NAME: key=value what is wrong; the fix`.
+    """
+    from ._validate import check_fields
+
+    if not isinstance(config, experiment.Config):
+        raise ConfigError(f"{experiment.name}: the config is a {type(config).__name__}, not "
+                          f"{experiment.name}'s Config")
+    try:
+        check_fields(config)
+        post_init = getattr(config, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{experiment.name}: {_one_line(e)}") from None
+    return config
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def config_to_dict(config: Any) -> dict:

@@ -134,7 +134,7 @@ def test_incompatible_resume(capsys, tmp_path):
     assert "already holds a run" in line and "--resume" in line
     line = _error_line(capsys, ["run", "quickstart", "--smoke", "--seeds", "2", "--resume",
                                 "--out", str(tmp_path / "run")])
-    assert "nothing to resume" in line
+    assert "it holds a one-seed run, not a run over seeds [0, 1]" in line
 
 
 def test_argparse_errors_are_one_line(capsys):

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -220,45 +214,4 @@ def test_iteration_key_is_deterministic():
     assert not np.array_equal(iteration_key(3, 7), iteration_key(4, 7))
 
 
-# -- resume after SIGKILL, through the real command line -----------------------------------
-
-_KILL_ARGS = ["run", "quickstart", "--smoke", "--no-progress", "--set", "meta_iterations=20"]
-
-
-def test_resume_after_sigkill_is_bit_identical(tmp_path, capsys):
-    """A real run killed (SIGKILL) after its first checkpoint, then resumed, ends
-    with the same hyperparameters, bit for bit, as an uninterrupted run."""
-    from revlearn.cli import main
-
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "revlearn.cli", *_KILL_ARGS, "--out", str(tmp_path / "killed")]
-    killed = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    ckpt = tmp_path / "killed" / "checkpoint.npz"
-    deadline = time.monotonic() + 180
-    while not ckpt.exists():
-        assert killed.poll() is None, "the run ended before writing a checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 180 s"
-        time.sleep(0.002)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    done = int(RunDir(tmp_path / "killed").load_arrays("checkpoint")["iteration"])
-    assert 1 <= done < 20, f"killed after {done} of 20 iterations"
-
-    resumed = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env=env)
-    # meanwhile, the uninterrupted run, in this process through the same entry point
-    assert main([*_KILL_ARGS, "--out", str(tmp_path / "full")]) == 0
-    out = resumed.communicate(timeout=300)[0].decode()
-    assert resumed.returncode == 0, out
-
-    a = RunDir(tmp_path / "full").load_arrays("hypers_final")
-    b = RunDir(tmp_path / "killed").load_arrays("hypers_final")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
-    ma, mb = (RunDir(tmp_path / d).read_metrics() for d in ("full", "killed"))
-    assert [r["iteration"] for r in mb] == list(range(20))
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rs]  # noqa
-    assert strip(ma) == strip(mb)
-    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("full", "killed"))
-    assert sa["valid_loss_learned"] == sb["valid_loss_learned"]
+# Resume after SIGKILL through the real command line: tests/test_run_store.py.

@@ -5,17 +5,21 @@
     revlearn plot RUN_DIR                 re-render a run's figures from its files
     revlearn check                        revlearn's self-check of its gradients
 
-Usage errors (an unknown experiment or setting, an ill-typed value, a missing
-run folder, an incompatible --resume) print one line and exit with status 2.
+Usage errors (an unknown experiment or setting, an ill-typed or out-of-range
+value, a missing run folder, an incompatible --resume) and environment errors
+(an unwritable or busy run folder, missing or damaged data or run files) print
+one line and exit with status 2; pass --debug (or set REVLEARN_DEBUG=1) for the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import math
-import shutil
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -38,6 +42,8 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Hypergradients through exactly reversible SGD: "
                      "experiments of Maclaurin, Duvenaud & Adams (2015).")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error "
+                        "instead of one line (also REVLEARN_DEBUG=1; accepted anywhere)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
     sub.add_parser("list", help="list the experiments with a one-line description")
@@ -108,36 +114,62 @@ def _config_diff(saved: dict, now: dict) -> list[str]:
             if k not in IGNORED_ON_RESUME and saved.get(k) != now.get(k)]
 
 
-_RUN_FILES = ("metrics.jsonl", "checkpoint.npz", "summary.json", SEEDS_FILE)
+def _open_run(path: Path, record: dict, *, resume: bool, overwrite: bool, progress: bool = True,
+              allow_fresh_resume: bool = False):
+    """Lock the run folder `path` and make it ready for `record`: continue the run there
+    (`resume`), start it again (`overwrite`), or start in a new or empty folder. Returns the
+    locked `RunDir`; raises CLIError with advice if the folder cannot take this run."""
+    from revlearn.meta import RunDir
+
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {path} is a file, not a folder")
+    foreign = (path.is_dir() and not (path / RunDir.LOCK).exists()
+               and not (path / RunDir.CONFIG).exists() and any(path.iterdir()))
+    if foreign:
+        raise CLIError(f"--out {path} is not empty and holds no revlearn run; pass a new or "
+                       "empty folder (a fresh run or --overwrite deletes a run folder's contents)")
+    run_dir = RunDir(path, resume=resume, progress=progress).lock()
+    try:
+        _begin(run_dir, record, resume=resume, overwrite=overwrite,
+               allow_fresh_resume=allow_fresh_resume)
+    except BaseException:
+        run_dir.unlock()
+        raise
+    return run_dir
 
 
-def _prepare(path: Path, record: dict, *, resume: bool, overwrite: bool,
-             allow_fresh_resume: bool = False) -> None:
-    """Check that `path` can take this run; raise CLIError with advice if not."""
-    config_file = path / "config.json"
-    name = record["experiment"]
+def _begin(run_dir, record: dict, *, resume: bool, overwrite: bool,
+           allow_fresh_resume: bool) -> None:
+    path, name = run_dir.path, record["experiment"]
     if resume:
-        if not config_file.is_file():
-            if allow_fresh_resume:
-                return
-            raise CLIError(f"nothing to resume in {path}: it holds no run (no config.json); "
-                           "start the run without --resume")
-        saved = json.loads(config_file.read_text())
+        saved = run_dir.read_config()
+        if saved is None:
+            if not allow_fresh_resume:
+                raise CLIError(f"nothing to resume in {path}: it holds no run (no config.json); "
+                               "start the run without --resume")
+            run_dir.begin(record, fresh=True)
+            return
         if saved.get("experiment") != name:
             raise CLIError(f"cannot resume {path}: it holds a run of {saved.get('experiment')!r}, "
                            f"not {name!r}")
-        diff = _config_diff(saved.get("config", {}), record["config"])
+        if ("folders" in saved) != ("folders" in record):
+            def kind(r):
+                return f"a run over seeds {r.get('seeds')}" if "folders" in r else "a one-seed run"
+            raise CLIError(f"cannot resume {path}: it holds {kind(saved)}, not {kind(record)}; "
+                           "rerun with the saved --seeds, or start a new run with --out DIR")
+        diff = _config_diff(saved.get("config", {}), record.get("config", {}))
         if diff:
             raise CLIError(f"cannot resume {path}: its config differs in {'; '.join(diff)}; "
                            "rerun with the saved settings, or start a new run with --out DIR")
+        if saved.get("seeds") != record.get("seeds"):
+            raise CLIError(f"cannot resume {path}: it holds a run over seeds "
+                           f"{saved.get('seeds')}, not {record.get('seeds')}")
+        run_dir.begin(record, fresh=False)
         return
-    if config_file.is_file() or (path / SEEDS_FILE).is_file():
-        if not overwrite:
-            raise CLIError(f"{path} already holds a run; pass --resume to continue it, "
-                           "--overwrite to start it again, or --out DIR for a new folder")
-        for f in _RUN_FILES:
-            (path / f).unlink(missing_ok=True)
-        shutil.rmtree(path / "figures", ignore_errors=True)
+    if run_dir.holds_run() and not overwrite:
+        raise CLIError(f"{path} already holds a run; pass --resume to continue it, "
+                       "--overwrite to start it again, or --out DIR for a new folder")
+    run_dir.begin(record, fresh=True)
 
 
 def _is_number(v) -> bool:
@@ -151,20 +183,37 @@ def _print_summary(summary: dict, indent: str = "  ") -> None:
         print(f"{indent}{k:<{width}}  {shown}")
 
 
-def _run_one(exp, config, path: Path, *, resume: bool, smoke: bool, progress: bool) -> dict:
+def _run_one(exp, config, run_dir) -> dict:
     from revlearn.meta import RunDir
 
-    run_dir = RunDir(path, resume=resume, progress=progress)
-    run_dir.write_config(_saved_record(exp.name, smoke, config))
     run_dir.write_env()
     summary = exp.run(config, run_dir)
     run_dir.write_json(RunDir.SUMMARY, summary)
     return summary
 
 
+def _preflight(exp, config) -> None:
+    """Everything that can be checked before a file is written: the config's values and the
+    data source."""
+    from revlearn import experiments
+    from revlearn.data import DataError, check_source, load_mnist
+
+    try:
+        experiments.validate_config(exp, config)
+    except experiments.ConfigError as e:
+        raise CLIError(str(e)) from None
+    if hasattr(config, "data"):
+        data_dir = getattr(config, "data_dir", None)
+        try:
+            check_source(config.data, data_dir, download=True)
+            if config.data != "embedded":  # download now (once), before the run folder exists
+                load_mnist(config.data, data_dir)
+        except DataError as e:
+            raise CLIError(str(e)) from None
+
+
 def _cmd_run(args) -> int:
     from revlearn import experiments
-    from revlearn.meta import RunDir
 
     try:
         exp = experiments.get(args.name)
@@ -172,53 +221,54 @@ def _cmd_run(args) -> int:
         raise CLIError(str(e)) from None
     if args.seeds < 1:
         raise CLIError(f"--seeds {args.seeds}: give a number of seeds >= 1")
+    if args.resume and args.overwrite:
+        raise CLIError("--resume and --overwrite exclude each other: --resume continues the run "
+                       "in the folder, --overwrite deletes it and starts again; pass one")
     config = _build_config(exp, args)
+    _preflight(exp, config)
     smoke_tag = "-smoke" if args.smoke else ""
     if args.seeds == 1:
         default = f"{exp.name}{smoke_tag}-seed{config.seed}"
     else:
         default = f"{exp.name}{smoke_tag}-seeds{config.seed}-{config.seed + args.seeds - 1}"
     out = Path(args.out) if args.out else Path("runs") / default
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} is a file, not a folder")
 
     seeds = [config.seed + k for k in range(args.seeds)]
     configs = [dataclasses.replace(config, seed=s) for s in seeds]
+    parent_dir = None
     if args.seeds == 1:
         plan = [(out, configs[0])]
-        _prepare(out, _saved_record(exp.name, args.smoke, configs[0]),
-                 resume=args.resume, overwrite=args.overwrite)
     else:
         plan = [(out / f"seed-{s}", c) for s, c in zip(seeds, configs)]
         parent = {"experiment": exp.name, "smoke": args.smoke, "seeds": seeds,
                   "folders": [p.name for p, _ in plan]}
-        if args.resume:
-            if not (out / SEEDS_FILE).is_file():
-                raise CLIError(f"nothing to resume in {out}: it holds no multi-seed run "
-                               f"(no {SEEDS_FILE}); start the run without --resume")
-            saved = json.loads((out / SEEDS_FILE).read_text())
-            if saved.get("experiment") != exp.name or saved.get("seeds") != seeds:
-                raise CLIError(f"cannot resume {out}: it holds {saved.get('experiment')!r} over "
-                               f"seeds {saved.get('seeds')}, not {exp.name!r} over {seeds}")
-        else:
-            _prepare(out, parent, resume=False, overwrite=args.overwrite)
-        for path, c in plan:
-            _prepare(path, _saved_record(exp.name, args.smoke, c), resume=args.resume,
-                     overwrite=args.overwrite, allow_fresh_resume=True)
-        RunDir(out).write_json(SEEDS_FILE, parent)
+        parent_dir = _open_run(out, parent, resume=args.resume, overwrite=args.overwrite)
 
+    try:
+        return _run_plan(exp, args, plan, seeds, out, parent_dir)
+    finally:
+        if parent_dir is not None:
+            parent_dir.unlock()
+
+
+def _run_plan(exp, args, plan, seeds, out, parent_dir) -> int:
+    progress = not args.no_progress
     summaries = []
     for k, (path, c) in enumerate(plan):
         if args.seeds > 1:
             print(f"[{k + 1}/{len(plan)}] {exp.name} seed {c.seed} -> {path}", flush=True)
+        run_dir = _open_run(path, _saved_record(exp.name, args.smoke, c), resume=args.resume,
+                            overwrite=args.overwrite, progress=progress,
+                            allow_fresh_resume=args.seeds > 1)
         try:
-            summary = _run_one(exp, c, path, resume=args.resume, smoke=args.smoke,
-                               progress=not args.no_progress)
+            summary = _run_one(exp, c, run_dir)
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; continue with: {PROG} run {exp.name} "
                   f"{' '.join(_rerun_flags(args))} --resume --out {out}".replace("  ", " "),
                   file=sys.stderr)
             return 130
+        finally:
+            run_dir.unlock()
         summaries.append(summary)
         print(f"{exp.name} (seed {c.seed}): results in {path}")
         _print_summary(summary)
@@ -226,9 +276,9 @@ def _cmd_run(args) -> int:
         if figures:
             print("  figures: " + ", ".join(str(f) for f in figures))
 
-    if args.seeds > 1:
+    if parent_dir is not None:
         agg = _aggregate(summaries, seeds)
-        RunDir(out).write_json("seeds_summary.json", agg)
+        parent_dir.write_json("seeds_summary.json", agg)
         print(f"{exp.name}: mean ± std over {len(seeds)} seeds (sample std), in "
               f"{out / 'seeds_summary.json'}")
         width = max((len(k) for k in agg["mean"]), default=0)
@@ -265,20 +315,24 @@ def _aggregate(summaries: list[dict], seeds: list[int]) -> dict:
 
 def _cmd_plot(args) -> int:
     from revlearn import experiments
+    from revlearn.meta import RunDir, RunFileError
 
     path = Path(args.run_dir)
     if not path.is_dir():
         raise CLIError(f"no run folder at {path}; give a folder written by `revlearn run`")
-    if (path / SEEDS_FILE).is_file():
+    top = RunDir(path).read_config() or {}
+    if "folders" in top:
+        folders = [path / f for f in top["folders"]]
+    elif (path / SEEDS_FILE).is_file():  # multi-seed folders of revlearn 0.2
         folders = [path / f for f in json.loads((path / SEEDS_FILE).read_text())["folders"]]
     else:
         folders = [path]
     for folder in folders:
-        config_file = folder / "config.json"
-        if not config_file.is_file():
+        if not (folder / RunDir.CONFIG).is_file():
             raise CLIError(f"{folder} is not a run folder (no config.json); give a folder "
                            "written by `revlearn run`")
-        name = json.loads(config_file.read_text()).get("experiment")
+        run_dir = RunDir(folder).lock()  # no run may write it meanwhile
+        name = run_dir.read_config().get("experiment")
         try:
             exp = experiments.get(name)
         except experiments.UnknownExperimentError as e:
@@ -288,6 +342,10 @@ def _cmd_plot(args) -> int:
         except FileNotFoundError as e:
             raise CLIError(f"{folder} lacks saved results ({Path(e.filename or '?').name}); "
                            "finish the run first (revlearn run ... --resume)") from None
+        except RunFileError as e:
+            raise CLIError(f"{e} (the run is unfinished or damaged; nothing was plotted)") from None
+        finally:
+            run_dir.unlock()
         for f in figures:
             print(f)
     return 0
@@ -314,8 +372,21 @@ def _cmd_check(args) -> int:
     return 0 if result.passed else 1
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line with `argv` (default: sys.argv[1:]); returns the exit status."""
+    """Run the command line with `argv` (default: sys.argv[1:]); returns the exit status.
+
+    Usage, configuration, data and environment errors (a folder that cannot be written, a
+    damaged run file, a run folder in use) print one line and return 2; `--debug` (or
+    REVLEARN_DEBUG=1) lets them raise with their traceback instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("REVLEARN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -323,14 +394,32 @@ def main(argv: list[str] | None = None) -> int:
         # module that creates JAX arrays is imported.
         import jax
         jax.config.update("jax_enable_x64", True)
+        from revlearn.data import DataError
+        from revlearn.meta import RunDirError
+
         command = {"list": _cmd_list, "run": _cmd_run, "plot": _cmd_plot,
                    "check": _cmd_check}[args.command]
-        return command(args)
+        try:
+            return command(args)
+        except (RunDirError, DataError, PermissionError, NotADirectoryError,
+                FileExistsError, IsADirectoryError) as e:
+            if debug:
+                raise
+            raise CLIError(_one_line(e)) from None
+        except OSError as e:
+            if debug or e.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            raise CLIError(f"{e.strerror}: {e.filename}" if e.filename else _one_line(e)) from None
     except CLIError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
+
+
+#: OSError numbers that are the environment's fault, not revlearn's: reported in one line.
+_ENVIRONMENT_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
+                       errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG}
 
 
 if __name__ == "__main__":

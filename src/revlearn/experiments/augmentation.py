@@ -62,10 +62,19 @@ import optax
 import revlearn
 from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, iteration_key, meta_optimize
+from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from . import _expm_action as ea
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_decay,
+    check_fields,
+    check_pool,
+    fail,
+    nonnegative,
+    positive,
+)
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "generator_edges", "meta_objective",
            "flow_field"]
@@ -103,24 +112,20 @@ class Config:
     eval_seeds: int = 4  # trainings averaged in the final comparison
 
     def __post_init__(self):
-        for name in ("n_train", "n_valid", "n_test", "hidden", "batch_size", "steps",
-                     "substeps", "terms", "eval_seeds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_fields(self)
+        at_least(self, 1, "n_train", "n_valid", "n_test", "hidden", "batch_size", "steps",
+                 "substeps", "eval_seeds")
         if self.terms < 2:
-            raise ValueError(f"terms={self.terms} must be >= 2 (a Taylor polynomial of degree "
-                             ">= 2)")
+            fail("terms", self.terms, "must be >= 2 (a Taylor polynomial of degree >= 2)",
+                 "pass terms >= 2, e.g. terms=8 (the default)")
         if self.batch_size > self.n_train:
-            raise ValueError(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
-        if not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
-        for name in ("lr", "t_scale", "t_clip", "max_edge"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
-        if self.init_scale < 0 or self.penalty_strength < 0:
-            raise ValueError("init_scale and penalty_strength must be >= 0")
-        if self.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+            fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
+                 "pass batch_size <= n_train")
+        check_pool(self, "n_train", "n_valid", "n_test")
+        check_decay("momentum", self.momentum)
+        positive(self, "lr", "t_scale", "t_clip", "max_edge", "meta_lr")
+        nonnegative(self, "init_scale", "penalty_strength")
+        at_least(self, 0, "meta_iterations")
 
 
 SMOKE = Config(n_train=100, n_valid=200, n_test=200, batch_size=20, steps=10, substeps=2,
@@ -402,7 +407,7 @@ def plot(path) -> list[Path]:
     fig.suptitle(f"Test digits under the learned transformation expm(t A) x, t from -2s to 2s "
                  f"(s = {s:g}; {kind} generator)", fontsize=10)
     paths.append(out / "transformed_digits.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 2. the generator: flow field and edge weights
     edges = res["edges_learned"]
@@ -437,7 +442,7 @@ def plot(path) -> list[Path]:
     right.suptitle("Edge weights of the learned generator", fontsize=10)
     fig.suptitle(f"Learned generator A ({kind}, {4 * _SIDE * _SIDE:,} edge weights)")
     paths.append(out / "generator.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 3. meta-learning curves and the final comparison
     fig = Figure(figsize=(12, 4.2), layout="constrained")
@@ -480,7 +485,7 @@ def plot(path) -> list[Path]:
     fig.suptitle(f"Learning the augmentation ({cfg.get('learner', 'logistic')} learner, "
                  f"{cfg.get('n_train')} training images)")
     paths.append(out / "meta_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

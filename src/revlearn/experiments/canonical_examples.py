@@ -53,9 +53,19 @@ import optax
 import revlearn
 from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, iteration_key, meta_optimize
+from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_decay,
+    check_fields,
+    check_pool,
+    fail,
+    nonnegative,
+    positive,
+    show,
+)
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "meta_objective", "block_projection"]
 
@@ -92,28 +102,33 @@ class Config:
     study_resolutions: tuple[int, ...] = (7, 14, 28)
 
     def __post_init__(self):
-        for name in ("n_train", "n_valid", "n_test", "per_class", "hidden", "batch_size",
-                     "steps", "real_draws", "full_steps", "full_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_fields(self)
+        at_least(self, 1, "n_train", "n_valid", "n_test", "per_class", "hidden", "batch_size",
+                 "steps", "real_draws", "full_steps", "full_batch")
         if self.batch_size > 10 * self.per_class:
-            raise ValueError(f"batch_size={self.batch_size} exceeds the {10 * self.per_class} "
-                             "learned images (10 x per_class)")
+            fail("batch_size", self.batch_size, f"exceeds the {10 * self.per_class} learned "
+                 "images (10 x per_class)", "pass batch_size <= 10 * per_class")
+        if 10 * self.per_class > self.n_train:
+            fail("per_class", self.per_class, f"needs 10 x per_class <= n_train={self.n_train} "
+                 "real training images (the real-image baselines draw per_class of each digit)",
+                 "lower per_class or raise n_train")
         if self.full_batch > self.n_train:
-            raise ValueError(f"full_batch={self.full_batch} exceeds n_train={self.n_train}")
-        if not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
-        if self.lr <= 0 or self.l2 < 0:
-            raise ValueError(f"lr={self.lr} must be > 0 and l2={self.l2} >= 0")
-        if self.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+            fail("full_batch", self.full_batch, f"exceeds n_train={self.n_train}",
+                 "pass full_batch <= n_train")
+        check_pool(self, "n_train", "n_valid", "n_test")
+        check_decay("momentum", self.momentum)
+        positive(self, "lr", "meta_lr", "meta_lr_scalars")
+        nonnegative(self, "l2")
+        at_least(self, 0, "meta_iterations")
         bad = [n for n in self.validation_sizes if not 1 <= n <= self.n_valid]
         if bad:
-            raise ValueError(f"validation_sizes {bad} must lie in [1, n_valid={self.n_valid}]; "
-                             "raise n_valid (--data mnist allows 10,000 and more)")
+            fail("validation_sizes", self.validation_sizes, f"holds {show(bad)} outside "
+                 f"[1, n_valid={self.n_valid}]", "raise n_valid (--data mnist allows 10,000 "
+                 "and more) or pass smaller sizes (none: validation_sizes=, which skips the study)")
         bad = [r for r in self.study_resolutions if r < 1 or _SIDE % r]
         if bad:
-            raise ValueError(f"study_resolutions {bad} must divide 28 (e.g. 7, 14, 28)")
+            fail("study_resolutions", self.study_resolutions, f"holds {show(bad)}, but every "
+                 "resolution must divide 28", "pass e.g. study_resolutions=7,14,28")
 
 
 SMOKE = Config(n_train=200, n_valid=300, n_test=300, steps=5, meta_iterations=3, real_draws=3,
@@ -448,7 +463,7 @@ def plot(path) -> list[Path]:
         "colour scale clipped at the 99.5th percentile of |pixel|)"),
         "RdBu_r", -lim, lim, per_class)
     paths.append(out / "learned_images.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 2. meta-learning curves
     fig = Figure(figsize=(10, 4.0), layout="constrained")
@@ -481,7 +496,7 @@ def plot(path) -> list[Path]:
                  f"({cfg.get('learner', 'logistic')} learner, validation set of "
                  f"{cfg.get('n_valid')})")
     paths.append(out / "meta_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 3. overfitting the validation set
     if rd.has_arrays("study"):
@@ -519,7 +534,7 @@ def plot(path) -> list[Path]:
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
         paths.append(out / "overfitting.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

@@ -57,9 +57,19 @@ import numpy as np
 import revlearn
 from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir
+from revlearn.meta import RunDir, save_figure
 
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_decay,
+    check_fields,
+    check_pool,
+    check_range,
+    fail,
+    positive,
+    show,
+)
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "final_loss"]
 
@@ -98,28 +108,37 @@ class Config:
     full: bool = False  # the notebook's full sweeps: 100 points, lengths up to 400
 
     def __post_init__(self):
-        if len(self.sizes) < 2 or self.sizes[0] != 784 or self.sizes[-1] != 10:
-            raise ValueError(f"sizes={self.sizes} must start with 784 and end with 10")
-        if not 1 <= self.batch_size <= self.n_train:
-            raise ValueError(f"batch_size={self.batch_size} must lie in "
-                             f"[1, n_train={self.n_train}]")
-        if not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be positive")
-        for name, least in (("points", 2), ("zoom_points", 2), ("chunk", 1)):
-            if getattr(self, name) < least:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= {least}")
+        check_fields(self)
+        if len(self.sizes) < 2 or self.sizes[0] != 784 or self.sizes[-1] != 10 \
+                or min(self.sizes) < 1:
+            fail("sizes", self.sizes, "must start with 784, end with 10 and hold layer sizes "
+                 ">= 1", "pass e.g. sizes=784,200,50,10 (the default)")
+        at_least(self, 1, "n_train")
+        check_pool(self, "n_train")
+        check_range("batch_size", self.batch_size, 1, self.n_train,
+                    fix="pass batch_size <= n_train")
+        check_decay("momentum", self.momentum)
+        positive(self, "lr")
+        for name in ("scale_range", "scale_zoom", "lr_range", "lr_zoom"):
+            lo, hi = getattr(self, name)
+            if not lo < hi:
+                fail(name, getattr(self, name), "must be an interval lo,hi with lo < hi",
+                     f"pass e.g. {name}={show(_default_of(name))} (the default)")
+        at_least(self, 2, "points", "zoom_points")
+        at_least(self, 1, "chunk")
         for name in ("scale_steps", "scale_zoom_steps", "lr_steps", "lr_zoom_steps"):
             if any(t < 0 for t in getattr(self, name)):
-                raise ValueError(f"{name}={getattr(self, name)} must hold lengths >= 0")
-        if self.fd_steps < 1:
-            raise ValueError(f"fd_steps={self.fd_steps} must be >= 1")
+                fail(name, getattr(self, name), "must hold lengths >= 0",
+                     f"pass e.g. {name}={show(_default_of(name))} (the default)")
+        at_least(self, 1, "fd_steps")
         if not self.fd_log_scales and not self.fd_log_lrs:
-            raise ValueError("fd_log_scales and fd_log_lrs are both empty: give at least one "
-                             "point for the finite-difference study")
+            fail("fd_log_scales", self.fd_log_scales, "and fd_log_lrs=() are both empty",
+                 "give at least one point for the finite-difference study")
         if not self.fd_h or any(h <= 0 for h in self.fd_h):
-            raise ValueError(f"fd_h={self.fd_h} must hold positive step sizes")
+            fail("fd_h", self.fd_h, "must hold positive step sizes",
+                 "pass e.g. fd_h=1e-2,1e-4,1e-6")
+        check_range("frac_bits", self.frac_bits, 8, 60,
+                    fix="pass the fixed point's fractional bits in [8, 60], e.g. frac_bits=52")
 
     def resolved(self) -> Config:
         """The settings actually run: with `full`, the notebook's full sweeps."""
@@ -131,6 +150,10 @@ class Config:
             scale_zoom_steps=tuple(sorted(set(self.scale_zoom_steps) | {10, 50, 400})),
             lr_steps=tuple(sorted(set(self.lr_steps) | {10, 50, 400})),
             lr_zoom_steps=tuple(sorted(set(self.lr_zoom_steps) | {50, 400})))
+
+
+def _default_of(name: str):
+    return next(f.default for f in dataclasses.fields(Config) if f.name == name)
 
 
 SMOKE = Config(sizes=(784, 16, 10), n_train=100, batch_size=50, points=4, zoom_points=3,
@@ -564,14 +587,14 @@ def plot(path) -> list[Path]:
         if f"{name}/grid" in res and len(res[f"{name}/steps"]):
             fig = _sweep_figure(res, cfg, name, hyper)
             paths.append(rd.figures / f"{name}.png")
-            fig.savefig(paths[-1], dpi=100)
+            save_figure(fig, paths[-1], dpi=100)
     if len([t for t in res["scale_sweep/steps"] if t > 0]) >= 2:
         fig = _growth_figure(res, cfg)
         paths.append(rd.figures / "gradient_growth.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
     fig = _fd_figure(res, cfg)
     paths.append(rd.figures / "fd_check.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

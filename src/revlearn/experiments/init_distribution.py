@@ -55,10 +55,20 @@ import optax
 import revlearn
 from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, iteration_key, meta_optimize
+from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from ._float import float_train
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_clip,
+    check_decay,
+    check_fields,
+    check_pool,
+    check_range,
+    fail,
+    positive,
+)
 
 __all__ = ["Config", "run", "plot", "quantile", "density", "roughness", "initial_hypers",
            "EXPERIMENT"]
@@ -91,20 +101,19 @@ class Config:
     n_curve_draws: int = 5  # fresh draws for the before/after learning curves
 
     def __post_init__(self):
-        for name in ("hidden", "n_train", "n_valid", "batch_size", "steps", "n_bins",
-                     "n_curve_draws"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_fields(self)
+        at_least(self, 1, "hidden", "n_train", "n_valid", "batch_size", "steps", "n_bins",
+                 "n_curve_draws")
         if self.batch_size > self.n_train:
-            raise ValueError(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
-        if not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
-        if self.lr <= 0 or self.bias_scale <= 0 or self.meta_lr <= 0:
-            raise ValueError("lr, bias_scale and meta_lr must be positive")
-        if not 0 <= self.meta_lr_end <= 1:
-            raise ValueError(f"meta_lr_end={self.meta_lr_end} must lie in [0, 1]")
-        if self.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+            fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
+                 "pass batch_size <= n_train")
+        check_pool(self, "n_train", "n_valid")
+        check_decay("momentum", self.momentum)
+        positive(self, "lr", "bias_scale", "meta_lr")
+        check_range("meta_lr_end", self.meta_lr_end, 0, 1,
+                    fix="pass the final fraction of meta_lr, e.g. meta_lr_end=0.1 (the default)")
+        at_least(self, 0, "meta_iterations")
+        check_clip(self)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -365,7 +374,7 @@ def plot(path) -> list[Path]:
     fig.suptitle(f"Initial-weight distributions, {title_net}, {n_it} meta-iterations\n"
                  "and a histogram of one draw from the learned one")
     paths.append(out / "densities.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 2. learning curves before and after
     fig = Figure(figsize=(7, 4.3), layout="constrained")
@@ -385,7 +394,7 @@ def plot(path) -> list[Path]:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     paths.append(out / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 3. hypergradient w.r.t. each initial weight against its magnitude
     fig = Figure(figsize=(10, 3.2 * n_layers + 0.6), layout="constrained")
@@ -419,7 +428,7 @@ def plot(path) -> list[Path]:
                  "signed so that > 0 means 'shrink this weight' (one draw; at most 4,000 "
                  "points per panel)")
     paths.append(out / "hypergradient_scatter.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 4. meta-learning curve
     fig = Figure(figsize=(7, 4), layout="constrained")
@@ -439,7 +448,7 @@ def plot(path) -> list[Path]:
     ax.set_title("Meta-learning curve")
     ax.grid(alpha=0.3)
     paths.append(out / "meta_curve.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

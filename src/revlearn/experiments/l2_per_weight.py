@@ -43,10 +43,20 @@ import optax
 import revlearn
 from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, iteration_key, meta_optimize
+from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from . import _plots
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_clip,
+    check_decay,
+    check_fields,
+    check_pool,
+    fail,
+    nonnegative,
+    positive,
+)
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT"]
 
@@ -83,25 +93,22 @@ class Config:
     clip: float | None = None
 
     def __post_init__(self):
-        for name in ("n_train", "n_valid", "n_test", "batch_size", "steps", "hidden", "n_eval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_fields(self)
+        at_least(self, 1, "n_train", "n_valid", "n_test", "batch_size", "steps", "hidden",
+                 "n_eval")
         if self.batch_size > self.n_train:
-            raise ValueError(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
-        if not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
-        if self.lr <= 0 or self.meta_lr <= 0:
-            raise ValueError(f"lr={self.lr} and meta_lr={self.meta_lr} must be positive")
-        if self.init_l2 <= 0:
-            raise ValueError(f"init_l2={self.init_l2} must be positive (it is learned in log "
-                             "space)")
-        if self.meta_penalty < 0:
-            raise ValueError(f"meta_penalty={self.meta_penalty} must be >= 0")
+            fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
+                 "pass batch_size <= n_train")
+        check_pool(self, "n_train", "n_valid", "n_test")
+        check_decay("momentum", self.momentum)
+        positive(self, "lr", "meta_lr")
+        positive(self, "init_l2", why=" (it is learned in log space)")
+        nonnegative(self, "meta_penalty")
         if not self.grid or any(g < 0 for g in self.grid):
-            raise ValueError(f"grid={self.grid} must list global L2 strengths >= 0, "
-                             "e.g. 0,1e-3,1e-2")
-        if self.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+            fail("grid", self.grid, "must list global L2 strengths >= 0",
+                 "pass e.g. grid=0,1e-3,1e-2")
+        at_least(self, 0, "meta_iterations")
+        check_clip(self)
 
 
 SMOKE = Config(n_train=400, n_valid=300, n_test=300, batch_size=100, steps=8, meta_iterations=3,
@@ -362,7 +369,7 @@ def plot(path) -> list[Path]:
             "MLP first layer, the 10 hidden units with the largest outgoing weights")
     fig.suptitle(f"Learned per-weight L2 penalties and trained weights ({what})")
     paths.append(out / "penalties.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     if model == "mlp":  # per input pixel: the penalty averaged over hidden units
         mean_pen = res["penalty_0_w"].mean(axis=1)
@@ -383,7 +390,7 @@ def plot(path) -> list[Path]:
             ax.set_yticks([])
         fig.suptitle("MLP 784-%d-10: learned first-layer penalties" % res["weights_0_w"].shape[1])
         paths.append(out / "pixel_penalty.png")
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
 
     # 2. meta-learning curves
     fig, ax1, ax2 = _plots.meta_curves(metrics)
@@ -396,7 +403,7 @@ def plot(path) -> list[Path]:
     fig.suptitle("Meta-learning curves (each point: one training run on that iteration's "
                  "minibatch order)")
     paths.append(out / "meta_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 3. the grid of global L2 strengths against the learned penalties
     fig = Figure(figsize=(10, 4.0), layout="constrained")
@@ -425,7 +432,7 @@ def plot(path) -> list[Path]:
     fig.suptitle("Grid search over one global L2 strength vs. learned per-weight penalties"
                  + (f" (mean over {n_eval} unseen minibatch orders)" if n_eval else ""))
     paths.append(out / "grid.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

@@ -54,10 +54,20 @@ import optax
 import revlearn
 from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, iteration_key, meta_optimize
+from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from . import _plots
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_clip,
+    check_decay,
+    check_fields,
+    check_pool,
+    check_range,
+    fail,
+    positive,
+)
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "Geometry", "geometry", "structure_penalty",
            "active_counts", "strengths"]
@@ -94,30 +104,30 @@ class Config:
     clip: float | None = None
 
     def __post_init__(self):
-        for name in ("grid", "channels", "n_train", "n_valid", "n_test", "batch_size", "steps",
-                     "n_eval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_fields(self)
+        at_least(self, 1, "grid", "channels", "n_train", "n_valid", "n_test", "batch_size",
+                 "steps", "n_eval")
         if SIDE % self.grid:
-            raise ValueError(f"grid={self.grid} must divide {SIDE} (1, 2, 4, 7, 14 or 28), so "
-                             "the units sit on a regular grid over the image")
+            fail("grid", self.grid, f"must divide {SIDE} (1, 2, 4, 7, 14 or 28), so the units "
+                 "sit on a regular grid over the image", "pass e.g. grid=7 (the default)")
         if self.batch_size > self.n_train:
-            raise ValueError(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
-        if not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
-        if self.lr <= 0 or self.meta_lr <= 0:
-            raise ValueError(f"lr={self.lr} and meta_lr={self.meta_lr} must be positive")
-        if not 0 < self.init_l2 < self.max_strength or not 0 < self.init_tie < self.max_strength:
-            raise ValueError(f"init_l2={self.init_l2} and init_tie={self.init_tie} must lie in "
-                             f"(0, max_strength={self.max_strength})")
+            fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
+                 "pass batch_size <= n_train")
+        check_pool(self, "n_train", "n_valid", "n_test")
+        check_decay("momentum", self.momentum)
+        positive(self, "lr", "meta_lr", "max_strength")
+        for name in ("init_l2", "init_tie"):
+            check_range(name, getattr(self, name), 0, self.max_strength, lo_open=True,
+                        hi_open=True, fix=f"pass a strength in (0, max_strength="
+                        f"{self.max_strength}) (it is learned in log space)")
         if any(k < 1 for k in self.conv_kernels):
-            raise ValueError(f"conv_kernels={self.conv_kernels} must list kernel sizes >= 1 "
-                             "(or be empty: no convnet baseline)")
+            fail("conv_kernels", self.conv_kernels, "must list kernel sizes >= 1",
+                 "pass e.g. conv_kernels=5,9,13, or conv_kernels= for no convnet baseline")
         if not self.l2_grid or any(not 0 <= g < self.max_strength for g in self.l2_grid):
-            raise ValueError(f"l2_grid={self.l2_grid} must list L2 strengths in "
-                             f"[0, max_strength={self.max_strength})")
-        if self.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+            fail("l2_grid", self.l2_grid, f"must list L2 strengths in [0, max_strength="
+                 f"{self.max_strength})", "pass e.g. l2_grid=0,1e-4,1e-3,1e-2 (the default)")
+        at_least(self, 0, "meta_iterations")
+        check_clip(self)
 
 
 SMOKE = Config(grid=7, channels=1, n_train=200, n_valid=200, n_test=200, batch_size=50, steps=6,
@@ -527,7 +537,7 @@ def plot(path) -> list[Path]:
                  f"{c} channel(s) each)\ngrey: offsets that only ever pair a unit with pixels "
                  "blank in every training image (no hypergradient); +: the unit's own position")
     paths.append(out / "offset_maps.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 2. example filters before / after
     pos = np.asarray(res["positions"])
@@ -558,7 +568,7 @@ def plot(path) -> list[Path]:
     fig.suptitle("First-layer filters after training, same initialisation and minibatch order "
                  "(+: the unit's grid position)")
     paths.append(out / "filters.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     # 3. meta-learning curves against the baselines
     fig, ax1, ax2 = _plots.meta_curves(metrics)
@@ -573,7 +583,7 @@ def plot(path) -> list[Path]:
     fig.suptitle("Meta-learning curves (each point: one training run, fresh initialisation "
                  "and minibatch order)")
     paths.append(out / "meta_curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

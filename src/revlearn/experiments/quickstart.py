@@ -37,10 +37,20 @@ import optax
 import revlearn
 from revlearn import data as rdata
 from revlearn import models, spaces
-from revlearn.meta import RunDir, iteration_key, meta_optimize
+from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from ._float import float_train
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_clip,
+    check_decay,
+    check_fields,
+    check_pool,
+    check_range,
+    fail,
+    positive,
+)
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT"]
 
@@ -66,19 +76,19 @@ class Config:
     clip: float | None = None
 
     def __post_init__(self):
-        for name in ("n_train", "n_valid", "n_test", "batch_size", "steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_fields(self)
+        at_least(self, 1, "n_train", "n_valid", "n_test", "batch_size", "steps")
         if self.batch_size > self.n_train:
-            raise ValueError(f"batch_size={self.batch_size} exceeds n_train={self.n_train}")
-        if not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum={self.momentum} must lie in (0, 1)")
-        if self.init_lr <= 0 or self.init_l2 <= 0:
-            raise ValueError("init_lr and init_l2 must be positive (they are learned in log space)")
-        if not 0 <= self.n_freq <= self.steps:
-            raise ValueError(f"n_freq={self.n_freq} must lie in [0, steps={self.steps}]")
-        if self.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+            fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
+                 "pass batch_size <= n_train")
+        check_pool(self, "n_train", "n_valid", "n_test")
+        check_decay("momentum", self.momentum)
+        positive(self, "init_lr", "init_l2", why=" (it is learned in log space)")
+        check_range("n_freq", self.n_freq, 0, self.steps,
+                    fix=f"pass 0 (one free log-lr per step) or k in [1, steps={self.steps}]")
+        positive(self, "meta_lr")
+        at_least(self, 0, "meta_iterations")
+        check_clip(self)
 
 
 SMOKE = Config(n_train=200, n_valid=200, n_test=200, batch_size=50, steps=10, meta_iterations=3)
@@ -269,7 +279,7 @@ def plot(path) -> list[Path]:
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3, which="both")
     paths.append(out / "schedule.png")
-    fig.savefig(paths[-1], dpi=120)
+    save_figure(fig, paths[-1], dpi=120)
 
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
@@ -288,7 +298,7 @@ def plot(path) -> list[Path]:
     fig.suptitle("Retraining on a minibatch order unseen during meta-training"
                  + (f" ({n_train} training examples)" if n_train else ""))
     paths.append(out / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=120)
+    save_figure(fig, paths[-1], dpi=120)
 
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
@@ -312,7 +322,7 @@ def plot(path) -> list[Path]:
     ax2.set_title("Classification error of the trained model")
     fig.suptitle("Meta-learning curves (each point: one full training run)")
     paths.append(out / "meta_curves.png")
-    fig.savefig(paths[-1], dpi=120)
+    save_figure(fig, paths[-1], dpi=120)
     return paths
 
 

@@ -58,10 +58,20 @@ import optax
 import revlearn
 from revlearn import data as rdata
 from revlearn import models, spaces
-from revlearn.meta import RunDir, average_over, iteration_key, meta_optimize
+from revlearn.meta import RunDir, save_figure, average_over, iteration_key, meta_optimize
 
 from ._float import float_train
 from ._registry import Experiment, register
+from ._validate import (
+    at_least,
+    check_clip,
+    check_decay,
+    check_fields,
+    check_pool,
+    check_range,
+    fail,
+    positive,
+)
 
 __all__ = ["Config", "AdamConfig", "run", "plot", "initial_hypers", "constrained",
            "keep_momentum_in", "keep_logit_in", "EXPERIMENT", "ADAM_EXPERIMENT"]
@@ -115,37 +125,46 @@ class Config:
     curve_examples: int = 2000  # training examples on which learning curves are evaluated
 
     def __post_init__(self):
+        check_fields(self)
         r = self.resolved()
         if len(r.sizes) < 2 or r.sizes[0] != 784 or r.sizes[-1] != 10 or min(r.sizes) < 1:
-            raise ValueError(f"sizes={r.sizes} must start with 784 and end with 10")
-        for name in ("steps", "n_average"):
-            if getattr(r, name) < 1:
-                raise ValueError(f"{name}={getattr(r, name)} must be >= 1")
-        if r.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={r.meta_iterations} must be >= 0")
-        if not 1 <= self.batch_size <= self.n_train:
-            raise ValueError(f"batch_size={self.batch_size} must lie in "
-                             f"[1, n_train={self.n_train}]")
+            fail("sizes", r.sizes, "must start with 784, end with 10 and hold layer sizes >= 1",
+                 "pass e.g. sizes=784,50,50,50,10, or sizes=none for the mode's")
+        at_least(r, 1, "steps", "n_average")
+        at_least(r, 0, "meta_iterations", "n_valid")
+        check_range("batch_size", self.batch_size, 1, self.n_train,
+                    fix=f"pass batch_size <= n_train={self.n_train}")
+        check_pool(self, "n_train", "n_valid")
         if self.objective == "valid" and self.n_valid < 1:
-            raise ValueError("objective='valid' needs a validation set: set n_valid >= 1 and "
-                             "n_train + n_valid <= 10000 (e.g. n_train=8000, n_valid=2000)")
+            fail("n_valid", self.n_valid, "leaves no validation set for objective='valid'",
+                 "set n_valid >= 1 and n_train + n_valid <= 10000 (e.g. n_train=8000, "
+                 "n_valid=2000)")
+        # Every decay must lie on its grid (also the settings of the other optimizer, which
+        # are not used); the order of the start value and the lower bound only matters for
+        # the optimizer that learns them.
+        check_decay("min_momentum", self.min_momentum, example=0.1)
+        check_decay("init_momentum", self.init_momentum, example=0.5)
         if self.optimizer == "momentum" and not (
-                0.0 < self.min_momentum < self.init_momentum < MAX_MOMENTUM):
-            raise ValueError(f"need 0 < min_momentum={self.min_momentum} < init_momentum="
-                             f"{self.init_momentum} < {MAX_MOMENTUM}")
-        if self.optimizer == "adam":
-            # the buffer is sized for b1 >= min_b1 / 2, which must lie on b1's grid
-            lo = 2 * revlearn.optim.FINE.smallest()
-            if not lo <= self.min_b1 < self.init_b1 < MAX_MOMENTUM:
-                raise ValueError(f"need {lo} <= min_b1={self.min_b1} < init_b1="
-                                 f"{self.init_b1} < {MAX_MOMENTUM}")
-            if not revlearn.optim.FINE.smallest() <= self.b2 <= revlearn.optim.FINE.largest():
-                raise ValueError(f"b2={self.b2} must lie in [{revlearn.optim.FINE.smallest()}, "
-                                 f"{revlearn.optim.FINE.largest()}]")
-            if not self.eps > 0:
-                raise ValueError(f"eps={self.eps} must be > 0")
-        if self.curve_examples < 1:
-            raise ValueError(f"curve_examples={self.curve_examples} must be >= 1")
+                self.min_momentum < self.init_momentum < MAX_MOMENTUM):
+            fail("init_momentum", self.init_momentum, f"must lie in (min_momentum="
+                 f"{self.min_momentum}, {MAX_MOMENTUM}) (the learned momentum is kept in "
+                 "[min_momentum, 1 - 2^-12])", "raise init_momentum or lower min_momentum")
+        # the buffer is sized for b1 >= min_b1 / 2, which must lie on b1's grid
+        lo = 2 * revlearn.optim.FINE.smallest()
+        if not lo <= self.min_b1 < MAX_MOMENTUM:
+            fail("min_b1", self.min_b1, f"must lie in [{lo}, {MAX_MOMENTUM}) (Reversible "
+                 "sizes its buffer for b1 >= min_b1 / 2, which must lie on b1's grid "
+                 f"n/2^{revlearn.optim.FINE.bits})", "pass e.g. min_b1=0.1 (the default)")
+        check_decay("init_b1", self.init_b1, revlearn.optim.FINE, example=0.9)
+        if self.optimizer == "adam" and not self.min_b1 < self.init_b1 < MAX_MOMENTUM:
+            fail("init_b1", self.init_b1, f"must lie in (min_b1={self.min_b1}, "
+                 f"{MAX_MOMENTUM}) (the learned b1 is kept in [min_b1, 1 - 2^-12])",
+                 "raise init_b1 or lower min_b1")
+        check_decay("b2", self.b2, revlearn.optim.FINE, example=0.999)
+        positive(self, "eps")
+        positive(self, "meta_lr")
+        check_clip(self)
+        at_least(self, 1, "curve_examples")
 
     def resolved(self) -> Config:
         """This config with every None replaced by the mode's (or the optimizer's) value."""
@@ -509,7 +528,7 @@ def plot(path) -> list[Path]:
                      + (f" (meta-gradient averaged over {c.n_average} seeds)" if c.n_average > 1
                         else ""))
         paths.append(out / "schedules.png")
-        fig.savefig(paths[-1], dpi=100)
+        save_figure(fig, paths[-1], dpi=100)
 
         # 2. initial scales against 1/sqrt(fan-in)
         fig = Figure(figsize=(6.5, 4.3), layout="constrained")
@@ -530,7 +549,7 @@ def plot(path) -> list[Path]:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         paths.append(out / "initial_scales.png")
-        fig.savefig(paths[-1], dpi=100)
+        save_figure(fig, paths[-1], dpi=100)
 
     # 3. learning curves before and after
     fig = Figure(figsize=(7, 4.3), layout="constrained")
@@ -552,7 +571,7 @@ def plot(path) -> list[Path]:
     epochs(ax)
     ax.legend()
     paths.append(out / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=100)
+    save_figure(fig, paths[-1], dpi=100)
 
     # 4. the meta-gradient per step, at the initial and (if any were learned) the learned
     # hyperparameters
@@ -602,7 +621,7 @@ def plot(path) -> list[Path]:
                      f"{T} {inner} steps\n({what})")
         paths.append(out / ("meta_gradient.png" if tag == "initial"
                             else "meta_gradient_learned.png"))
-        fig.savefig(paths[-1], dpi=100)
+        save_figure(fig, paths[-1], dpi=100)
 
     # 5. meta-learning curve
     if metrics:
@@ -617,7 +636,7 @@ def plot(path) -> list[Path]:
         ax.set_title("Meta-objective during meta-training")
         ax.grid(alpha=0.3, which="both")
         paths.append(out / "meta_curve.png")
-        fig.savefig(paths[-1], dpi=100)
+        save_figure(fig, paths[-1], dpi=100)
     return paths
 
 

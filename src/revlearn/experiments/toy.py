@@ -51,10 +51,11 @@ import optax
 import revlearn
 from revlearn import spaces
 from revlearn.exact._grid import on_grid
-from revlearn.meta import RunDir, meta_optimize
+from revlearn.meta import RunDir, save_figure, meta_optimize
 
 from ._float import float_train
 from ._registry import Experiment, register
+from ._validate import at_least, check_decay, check_fields, fail, positive
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "loss", "loss_grad", "float_forward",
            "naive_reverse", "hypergrad"]
@@ -75,22 +76,20 @@ class Config:
     snapshots: tuple[int, ...] = (0, 1, 3, 10, 30)
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.init_lr <= 0:
-            raise ValueError(f"init_lr={self.init_lr} must be positive "
-                             "(it is learned in log space)")
-        for name in ("init_momentum", "min_momentum"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must lie in (0, 1)")
+        check_fields(self)
+        at_least(self, 1, "steps")
+        positive(self, "init_lr", why=" (it is learned in log space)")
+        check_decay("init_momentum", self.init_momentum, example=0.5)
+        check_decay("min_momentum", self.min_momentum, example=0.01)
         if self.init_momentum <= self.min_momentum:
-            raise ValueError(f"init_momentum={self.init_momentum} must exceed "
-                             f"min_momentum={self.min_momentum}")
-        if self.meta_iterations < 0:
-            raise ValueError(f"meta_iterations={self.meta_iterations} must be >= 0")
+            fail("init_momentum", self.init_momentum, f"must exceed min_momentum="
+                 f"{self.min_momentum} (Reversible's buffer is sized for momentum >= "
+                 "min_momentum)", "raise init_momentum or lower min_momentum")
+        positive(self, "meta_lr")
+        at_least(self, 0, "meta_iterations")
         if not self.snapshots or any(not 0 <= s <= self.meta_iterations for s in self.snapshots):
-            raise ValueError(f"snapshots={self.snapshots} must lie in [0, meta_iterations="
-                             f"{self.meta_iterations}]")
+            fail("snapshots", self.snapshots, f"must be meta-iterations in [0, meta_iterations="
+                 f"{self.meta_iterations}]", "pass e.g. snapshots=0,1,2")
 
 
 SMOKE = Config(meta_iterations=2, snapshots=(0, 1, 2))
@@ -314,7 +313,7 @@ def plot(path) -> list[Path]:
     fig.suptitle("Hyperparameter optimisation through exactly reversed training "
                  "(scaled Himmelblau function; meta-objective: final loss)")
     paths.append(rd.figures / "trajectories.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
 
     shown = snaps[0]
     fig = Figure(figsize=(12, 5), layout="constrained")
@@ -366,7 +365,7 @@ def plot(path) -> list[Path]:
     ax2.legend(fontsize=7, loc="upper left")
     fig.suptitle("Naive floating-point reversal loses the path; exact reversal retraces it")
     paths.append(rd.figures / "reversal.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     return paths
 
 

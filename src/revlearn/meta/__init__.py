@@ -9,18 +9,22 @@ See `_loop.py` for the loop's update equations and the resume guarantee, and
 """
 
 from ._loop import ChaosWarning, MetaResult, chaos_flags, is_chaotic, meta_optimize
-from ._rundir import RunDir, environment, to_json
+from ._rundir import RunDir, RunDirBusy, RunDirError, RunFileError, environment, save_figure, to_json
 from ._seeds import average_over, iteration_key
 
 __all__ = [
     "ChaosWarning",
     "MetaResult",
     "RunDir",
+    "RunDirBusy",
+    "RunDirError",
+    "RunFileError",
     "average_over",
     "chaos_flags",
     "environment",
     "is_chaotic",
     "iteration_key",
     "meta_optimize",
+    "save_figure",
     "to_json",
 ]

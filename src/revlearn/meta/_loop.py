@@ -201,9 +201,14 @@ def meta_optimize(
         return optax.apply_updates(hypers, updates), opt_state
 
     start, norms, history = 0, [], []
+    bad = _nonfinite_leaves(hypers)
+    if bad:
+        raise ValueError(f"hypers0 has non-finite values in {', '.join(bad)}; start from "
+                         "finite hyperparameters")
     if run_dir is not None:
-        if resume and run_dir.has_arrays(RunDir.CHECKPOINT):
-            hypers, opt_state, start, norms = _load_checkpoint(run_dir, hypers, opt_state)
+        loaded = _load_checkpoint(run_dir, hypers, opt_state) if resume else None
+        if loaded is not None:
+            hypers, opt_state, start, norms = loaded
             if start > iterations:
                 raise ValueError(f"{run_dir.path} holds a checkpoint after {start} iterations, "
                                  f"more than iterations={iterations}")
@@ -231,8 +236,16 @@ def meta_optimize(
             record["chaos"] = chaos
             finite = np.isfinite(meta_loss) and np.isfinite(norm)
             if finite:
-                hypers, opt_state = update(grads, opt_state, hypers)
-                jax.block_until_ready(hypers)
+                new_hypers, new_state = update(grads, opt_state, hypers)
+                bad = ([f"hypers{k}" for k in _nonfinite_leaves(new_hypers)]
+                       + [f"opt_state{k}" for k in _nonfinite_leaves(new_state)])
+                if bad:
+                    raise FloatingPointError(
+                        f"meta-iteration {i}: the meta-optimiser's update made {bad[0]} "
+                        "non-finite (from a finite hypergradient); the hyperparameters were "
+                        "not updated and the checkpoint of the previous iteration is kept. "
+                        "Check the meta learning rate and the optimiser's settings.")
+                hypers, opt_state = new_hypers, new_state
             record["wall_time_s"] = time.perf_counter() - t0
             if chaos:
                 past = np.median(norms[-chaos_window:]) if norms else float("nan")
@@ -262,20 +275,40 @@ def meta_optimize(
     return MetaResult(hypers, opt_state, history, start)
 
 
+def _nonfinite_leaves(tree) -> list[str]:
+    """The key paths of the inexact leaves of `tree` that hold a NaN or an infinity."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        arr = np.asarray(leaf)
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            out.append(jax.tree_util.keystr(path) or "the value")
+    return out
+
+
 def _save_checkpoint(run_dir: RunDir, hypers, opt_state, iteration: int, norms) -> None:
     run_dir.save_arrays(RunDir.CHECKPOINT, {
         "hypers": hypers, "opt_state": opt_state,
         "iteration": np.asarray(iteration, np.int64),
-        "norms": np.asarray(norms, np.float64)})
+        "norms": np.asarray(norms, np.float64)}, keep_previous=True)
 
 
 def _load_checkpoint(run_dir: RunDir, hypers, opt_state):
-    raw = run_dir.load_arrays(RunDir.CHECKPOINT)
+    """(hypers, opt_state, iteration, norms) of this run's checkpoint (the previous one, with a
+    warning, if the latest is damaged), or None if the run has none."""
+    name = RunDir.CHECKPOINT
+    if not (run_dir.has_arrays(name) or run_dir.has_arrays(name + ".prev")):
+        return None
+    raw = run_dir.load_arrays(name, fallback=True)
+    if "norms" not in raw:
+        raise ValueError(f"{run_dir.path / (name + '.npz')} is not a checkpoint of "
+                         "revlearn.meta.meta_optimize")
     n_norms = raw["norms"].shape[0]
     template = {"hypers": hypers, "opt_state": opt_state,
                 "iteration": np.asarray(0, np.int64), "norms": np.zeros(n_norms, np.float64)}
     try:
-        ckpt = run_dir.load_arrays(RunDir.CHECKPOINT, template)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # warned above
+            ckpt = run_dir.load_arrays(name, template, fallback=True)
     except ValueError as e:
         raise ValueError(f"the checkpoint does not match these hyperparameters and this "
                          f"optimiser: {e}") from None

@@ -11,26 +11,50 @@ A run folder holds everything needed to inspect, re-plot or resume a run::
       summary.json     the headline numbers of the run
       *.npz            arrays and pytrees saved by the experiment
       figures/*.png    figures, re-rendered from the files above
+      .lock            held (flock) by the process writing the folder
 
-Every file except metrics.jsonl is written atomically: to a temporary file in
-the same folder, flushed and fsync-ed, then moved over the target with
-`os.replace`, so a run killed at any moment leaves either the old or the new
-file, never a torn one. Arrays are stored with `numpy.savez` and read with
-`allow_pickle=False`: nothing is ever unpickled.
+The folder is a small transactional store:
+
+* **One writer.** `RunDir.lock()` takes an exclusive `fcntl.flock` on `.lock`
+  for the life of the process; a second writer fails at once with
+  `RunDirBusy`, naming the holder's PID. The kernel drops the lock when the
+  holder dies, even by SIGKILL.
+* **Atomic files.** Every file except metrics.jsonl (appended line by line,
+  fsync-ed; a torn last line is skipped) is written to a temporary file in the
+  same folder, fsync-ed, then moved over the target with `os.replace`: a run
+  killed at any moment leaves the old or the new file, never a torn one.
+  Leftover temporaries of a killed run are removed by `begin`.
+* **Nothing stale is read.** `begin` gives every run a fresh `run_id`, stored
+  in config.json before anything else is written; arrays and metrics lines
+  carry it, and `has_arrays` / `load_arrays` / `read_metrics` ignore or refuse
+  what another run wrote. A run killed half-way through `--overwrite` thus
+  never mixes with the one it replaced.
+* **A damaged checkpoint is survivable.** `save_arrays(..., keep_previous=True)`
+  keeps the previous version as NAME.prev.npz; `load_arrays(...,
+  fallback=True)` reads it, with a warning, when the latest is unreadable.
+  Otherwise an unreadable file raises `RunFileError`, naming the file and the fix.
+
+Arrays are stored with `numpy.savez` and read with `allow_pickle=False`:
+nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,7 +62,20 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["RunDir", "environment", "to_json"]
+__all__ = ["RunDir", "RunDirError", "RunDirBusy", "RunFileError", "environment", "save_figure",
+           "to_json"]
+
+
+class RunDirError(Exception):
+    """A run folder cannot be used as asked (the message says why and what to do)."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process holds the run folder's lock."""
+
+
+class RunFileError(RunDirError):
+    """A file of a run folder is unreadable, damaged or written by another run."""
 
 
 def to_json(obj: Any) -> Any:
@@ -123,11 +160,22 @@ def environment() -> dict:
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are 0600
+TMP_SUFFIX = ".tmp"
+
+
 @contextlib.contextmanager
 def _atomic(path: Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside `path`; on success fsync it and replace `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -137,6 +185,16 @@ def _atomic(path: Path, mode: str = "wb") -> Iterator[Any]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int) -> Path:
+    """Write a matplotlib `fig` to `path` (PNG) atomically, like every run file."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    with _atomic(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return path
 
 
 def _leaf_key(i: int) -> str:
@@ -167,6 +225,10 @@ class RunDir:
         `revlearn.meta.meta_optimize` reads it when its own `resume` is None.
       progress: whether loops over this run show a progress bar;
         `meta_optimize` reads it when its own `progress` is None.
+
+    A writer calls `lock()` and then `begin(record)`; readers (`revlearn plot`)
+    just construct it: `run_id` is read from config.json, so what another run
+    left behind is never taken for this run's.
     """
 
     CONFIG = "config.json"
@@ -174,12 +236,29 @@ class RunDir:
     METRICS = "metrics.jsonl"
     SUMMARY = "summary.json"
     CHECKPOINT = "checkpoint"
+    LOCK = ".lock"
+    _RUN_KEY = "__run_id__"   # in every .npz
+    _RUN_FIELD = "_run"       # in every metrics line
 
     def __init__(self, path: str | os.PathLike, *, resume: bool = False, progress: bool = True):
         self.path = Path(path)
         self.resume = bool(resume)
         self.progress = bool(progress)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise RunDirError(f"{self.path} exists and is not a folder; pass a folder path") from None
+        except NotADirectoryError:
+            raise RunDirError(f"cannot create the run folder {self.path}: a part of the path "
+                              "is a file; pass a folder path") from None
+        except PermissionError:
+            raise RunDirError(f"cannot create the run folder {self.path}: permission denied; "
+                              "pass a folder you can write") from None
+        except OSError as e:
+            raise RunDirError(f"cannot create the run folder {self.path}: {e.strerror}") from None
+        self._lock_fd: int | None = None
+        config = self.read_config() if (self.path / self.CONFIG).is_file() else None
+        self.run_id: str | None = config.get("run_id") if isinstance(config, dict) else None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r}, resume={self.resume})"
@@ -194,6 +273,86 @@ class RunDir:
         folder.mkdir(exist_ok=True)
         return folder
 
+    # -- the writer's transaction ----------------------------------------------
+    def lock(self) -> RunDir:
+        """Take the folder's exclusive lock for the life of this process (or `unlock`).
+
+        Raises:
+          RunDirBusy: another process holds it (the message names its PID).
+          RunDirError: the folder cannot be written.
+        """
+        if self._lock_fd is not None:
+            return self
+        import fcntl
+
+        path = self.path / self.LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as e:
+            raise RunDirError(f"cannot write the run folder {self.path}: {e.strerror}; pass "
+                              "--out a folder you can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirBusy(f"{self.path} is in use by another revlearn process (PID "
+                                 f"{holder}); wait for it to finish, or pass another --out") from None
+            raise RunDirError(f"cannot lock {path}: {e.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        """Release the lock taken by `lock` (closing the descriptor drops the flock)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds a run (a config.json)."""
+        return (self.path / self.CONFIG).is_file()
+
+    def is_empty(self) -> bool:
+        """Whether the folder holds nothing but its lock file."""
+        return all(p.name == self.LOCK for p in self.path.iterdir())
+
+    def begin(self, record: Mapping[str, Any], *, fresh: bool) -> str:
+        """Start (`fresh`) or continue this run; needs `lock()`. Returns the run's id.
+
+        Fresh: config.json is written first, with a new `run_id` (from then on
+        nothing an older run left is read), then everything else in the folder
+        but the lock is deleted. Continued: the saved `run_id` is kept.
+        Either way leftover temporary files of a killed writer are removed.
+        """
+        if self._lock_fd is None:
+            raise RunDirError(f"{self.path}: begin() needs the folder's lock (call lock() first)")
+        if fresh or self.run_id is None:
+            self.run_id = uuid.uuid4().hex
+            self.write_config(dict(record, run_id=self.run_id))
+            self._clear(keep=(self.LOCK, self.CONFIG))
+        self._remove_temporaries()
+        return self.run_id
+
+    def _clear(self, keep: tuple[str, ...]) -> None:
+        first = [self.path / n for n in (self.SUMMARY, self.METRICS)]
+        for entry in first + sorted(self.path.iterdir()):
+            if entry.name in keep or not os.path.lexists(entry):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def _remove_temporaries(self) -> None:
+        for folder in (self.path, self.path / "figures"):
+            if folder.is_dir():
+                for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+
     # -- JSON -----------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> Path:
         """Write `to_json(obj)` to `name` atomically, indented and key-sorted."""
@@ -204,9 +363,19 @@ class RunDir:
         return path
 
     def read_json(self, name: str) -> Any:
-        """The JSON value in `name`; FileNotFoundError if it is missing."""
-        with open(self.path / name, encoding="utf-8") as f:
-            return json.load(f)
+        """The JSON value in `name`.
+
+        Raises:
+          FileNotFoundError: it is missing.
+          RunFileError: it is not valid JSON.
+        """
+        path = self.path / name
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunFileError(f"{path} is damaged (not valid JSON: {e}); start the run again "
+                               "with --overwrite") from None
 
     def write_config(self, config: Any) -> Path:
         """Write `config` (a dataclass or dict) to config.json."""
@@ -224,43 +393,68 @@ class RunDir:
 
     # -- metrics --------------------------------------------------------------
     def append_metrics(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line to metrics.jsonl, flushed and fsync-ed."""
+        """Append one JSON line to metrics.jsonl, flushed and fsync-ed (tagged with `run_id`)."""
+        record = dict(record)
+        if self.run_id is not None:
+            record[self._RUN_FIELD] = self.run_id
         line = json.dumps(to_json(record), sort_keys=True, allow_nan=False)
         with open(self.path / self.METRICS, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
 
-    def read_metrics(self) -> list[dict]:
-        """Every complete record of metrics.jsonl (a torn last line is skipped)."""
+    def _metric_lines(self) -> list[dict]:
         path = self.path / self.METRICS
         if not path.is_file():
             return []
         records = []
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
                 if not line.endswith("\n"):
                     break  # torn write of a killed run
-                records.append(json.loads(line))
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RunFileError(f"{path} line {number} is not valid JSON ({e.msg}); the "
+                                       "run folder is damaged: start it again with --overwrite"
+                                       ) from None
+                if not isinstance(record, dict):
+                    raise RunFileError(f"{path} line {number} is not a JSON object; the run "
+                                       "folder is damaged: start it again with --overwrite")
+                records.append(record)
         return records
 
+    def read_metrics(self) -> list[dict]:
+        """Every complete record of metrics.jsonl written by this run (a torn last line is
+        skipped; lines of another run are ignored)."""
+        out = []
+        for r in self._metric_lines():
+            run = r.pop(self._RUN_FIELD, None)
+            if self.run_id is None or run == self.run_id:
+                out.append(r)
+        return out
+
     def truncate_metrics(self, iterations: int) -> None:
-        """Keep only the records with `iteration < iterations` (atomically):
+        """Keep only this run's records with `iteration < iterations` (atomically):
         what a resumed run does to drop entries beyond its checkpoint."""
         kept = [r for r in self.read_metrics() if int(r.get("iteration", -1)) < iterations]
         with _atomic(self.path / self.METRICS, "w") as f:
             for r in kept:
+                if self.run_id is not None:
+                    r = dict(r, **{self._RUN_FIELD: self.run_id})
                 f.write(json.dumps(r, sort_keys=True, allow_nan=False) + "\n")
 
     # -- arrays ---------------------------------------------------------------
-    def save_arrays(self, name: str, tree: Any) -> Path:
+    def save_arrays(self, name: str, tree: Any, *, keep_previous: bool = False) -> Path:
         """Save a pytree of arrays to `name` (".npz" appended if missing), atomically.
 
         The leaves are stored in flattening order as `leaf_00000`, ... together
-        with their key paths written "a/0/b" (`__paths__`), so
-        `load_arrays(name, template)` checks the structure. Without a template
-        it loads back as a flat dict keyed by those paths: a flat dict of
-        arrays comes back as itself.
+        with their key paths written "a/0/b" (`__paths__`) and the `run_id`, so
+        `load_arrays(name, template)` checks the structure and the run. Without
+        a template it loads back as a flat dict keyed by those paths: a flat
+        dict of arrays comes back as itself. `keep_previous` keeps the file
+        being replaced as NAME.prev.npz (what `load_arrays(fallback=True)` reads
+        if the latest is damaged).
         """
         path = self._npz(name)
         with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -274,16 +468,32 @@ class RunDir:
                     "PRNG keys with jax.random.key_data first.")
             arrays[_leaf_key(i)] = arr
         arrays["__paths__"] = np.array([_path_name(k) for k, _ in with_path], dtype=np.str_)
+        if self.run_id is not None:
+            arrays[self._RUN_KEY] = np.array(self.run_id, dtype=np.str_)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         with _atomic(path, "wb") as f:
             f.write(buffer.getvalue())
+            if keep_previous and path.exists():
+                f.flush()
+                os.fsync(f.fileno())
+                os.replace(path, self._previous(path))
         return path
 
     def has_arrays(self, name: str) -> bool:
-        return self._npz(name).is_file()
+        """Whether `name` holds arrays this run saved (a file of another run does not count)."""
+        path = self._npz(name)
+        if not path.is_file():
+            return False
+        if self.run_id is None:
+            return True
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return self._RUN_KEY in data.files and str(data[self._RUN_KEY]) == self.run_id
+        except Exception:  # unreadable: load_arrays says why
+            return True
 
-    def load_arrays(self, name: str, template: Any = None) -> Any:
+    def load_arrays(self, name: str, template: Any = None, *, fallback: bool = False) -> Any:
         """Load what `save_arrays(name, tree)` saved.
 
         Args:
@@ -291,15 +501,49 @@ class RunDir:
           template: a pytree with the structure of the saved tree (its leaves'
             values are ignored; shapes and dtypes are checked). If None, returns
             a flat dict `{"a/0/b": array}` (see `save_arrays`).
+          fallback: if the file is unreadable or missing, read the previous
+            version kept by `save_arrays(..., keep_previous=True)` instead, with
+            a warning.
 
         Raises:
-          FileNotFoundError: no such file.
+          FileNotFoundError: no such file (nor, with `fallback`, a previous one).
+          RunFileError: the file is damaged or another run wrote it (with
+            `fallback`: and so is the previous one).
           ValueError: the file does not match the template.
         """
         path = self._npz(name)
-        with np.load(path, allow_pickle=False) as data:
-            paths = [str(p) for p in data["__paths__"]]
-            leaves = [data[_leaf_key(i)] for i in range(len(paths))]
+        if not fallback:
+            return self._load(path, template)
+        try:
+            return self._load(path, template)
+        except (RunFileError, FileNotFoundError) as latest:
+            previous = self._previous(path)
+            if not previous.is_file():
+                raise
+            try:
+                out = self._load(previous, template)
+            except (RunFileError, FileNotFoundError):
+                raise latest from None
+            warnings.warn(f"{latest}; using the previous version, {previous.name}",
+                          RuntimeWarning, stacklevel=2)
+            return out
+
+    def _load(self, path: Path, template: Any) -> Any:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                run = str(data[self._RUN_KEY]) if self._RUN_KEY in data.files else None
+                paths = [str(p) for p in data["__paths__"]]
+                leaves = [data[_leaf_key(i)] for i in range(len(paths))]
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError) as e:
+            reason = str(e).split("\n")[0] or type(e).__name__
+            raise RunFileError(f"{path} is damaged ({type(e).__name__}: {reason}); start the "
+                               "run again with --overwrite") from None
+        if self.run_id is not None and run != self.run_id:
+            raise RunFileError(f"{path} was written by another run than this folder's "
+                               "config.json (a run interrupted while being replaced); finish "
+                               "the run with --resume, or start it again with --overwrite")
         if template is None:
             return dict(zip(paths, leaves))
         t_with_path, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -316,3 +560,7 @@ class RunDir:
 
     def _npz(self, name: str) -> Path:
         return self.path / (name if name.endswith(".npz") else name + ".npz")
+
+    @staticmethod
+    def _previous(path: Path) -> Path:
+        return path.with_name(path.name[: -len(".npz")] + ".prev.npz")

@@ -79,6 +79,19 @@ def _leaf_schedule(name: str, where: str, spec, shape: tuple, steps: int, single
                      f"weight's shape {shape}. {hint}.")
 
 
+class _Sub:
+    """(key path, spec entry, params subtree) of one entry of a prefix spec: an opaque leaf,
+    so no tuple in the spec is mistaken for one."""
+
+    __slots__ = ("path", "spec", "subtree")
+
+    def __init__(self, path, spec, subtree):
+        self.path, self.spec, self.subtree = path, spec, subtree
+
+    def parts(self):
+        return self.path, self.spec, self.subtree
+
+
 def normalise(name: str, spec: Any, params0: Any, steps: int) -> Schedule:
     """Validate `spec` (see module docstring) against `params0` and `steps`."""
     leaves, treedef = jax.tree_util.tree_flatten(params0)
@@ -87,11 +100,12 @@ def normalise(name: str, spec: Any, params0: Any, steps: int) -> Schedule:
         raise ValueError(f"{name} is required: pass a scalar, a [steps] array, or a pytree "
                          "shaped like params0.")
     if _is_array_like(spec):
-        per_leaf = [(_path(()), spec, False)] * len(leaves)
+        # on a params0 of one leaf (a bare array, say) it may also be per weight
+        per_leaf = [(_path(()), spec, len(leaves) == 1)] * len(leaves)
     else:
         try:
             sub = jax.tree_util.tree_map_with_path(
-                lambda p, s, subtree: (p, s, subtree), spec, params0,
+                lambda p, s, subtree: _Sub(p, s, subtree), spec, params0,
                 is_leaf=lambda x: x is None)
         except (ValueError, TypeError) as e:
             raise ValueError(
@@ -99,8 +113,8 @@ def normalise(name: str, spec: Any, params0: Any, steps: int) -> Schedule:
                 f"({treedef}): {e}. Pass a scalar, a [steps] array, or a pytree with params0's "
                 "structure (or a prefix of it, e.g. one entry per layer).") from None
         per_leaf = []
-        for p, s, subtree in jax.tree_util.tree_leaves(
-                sub, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3 and isinstance(x[0], tuple)):
+        for p, s, subtree in (x.parts() for x in jax.tree_util.tree_leaves(
+                sub, is_leaf=lambda x: isinstance(x, _Sub))):
             n_sub = len(jax.tree_util.tree_leaves(subtree))
             if s is None:
                 raise ValueError(f"{name}{_path(p)} is None; give a value for every params leaf.")

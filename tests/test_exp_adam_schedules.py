@@ -78,6 +78,7 @@ def _flat(tree):
     return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(tree)])
 
 
+@pytest.mark.slow  # 36 s; Adam against Unrolled is covered by test_properties.py, FD by test_optim.py
 def test_adam_hypergradient_matches_unrolled_and_finite_differences(tiny):
     data, static, theta = tiny
     key = jax.random.PRNGKey(1)

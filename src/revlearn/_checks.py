@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _faults, optim
+from . import _faults, _sharding, optim
 from ._problem import decay_values, merge, split_inexact
 from ._train import prepare, train
 from .exact import _buffer, _determinism, _grid
@@ -83,6 +83,7 @@ class ReversalCheck:
         return self.weights_exact and self.state_exact and self.buffer_empty
 
 
+@_sharding.with_auto_axes
 def check_reversal(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=None,
                    momentum=None, v0=None, state0=None,
                    method: Reversible | None = None) -> ReversalCheck:
@@ -133,6 +134,7 @@ class BufferUsage:
         return self.bits_per_weight_per_step / self.ideal_bits_per_weight_per_step
 
 
+@_sharding.with_auto_axes
 def buffer_usage(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=None, momentum=None,
                  v0=None, state0=None, method: Reversible | None = None) -> BufferUsage:
     """Run the forward pass and measure the information buffers (raises `ReversibleError` where

@@ -181,7 +181,10 @@ def raise_if_fault(fault: Fault, where: str, **info) -> None:
             i = bad[0]
             raise ReversibleError(_message(int(code[i]), int(step[i]), int(arg[i]), where, info))
 
-    jax.debug.callback(host, fault.code, fault.step, fault.arg)
+    # partitioned: on a mesh every device calls back with its copy of the (replicated) fault,
+    # so every device stops; one device's callback alone left the others waiting in the next
+    # collective (a hang across processes, an all-reduce timeout abort in one)
+    jax.debug.callback(host, fault.code, fault.step, fault.arg, partitioned=True)
 
 
 def guard_cotangents(tree, where: str, **info):

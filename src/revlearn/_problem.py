@@ -122,6 +122,7 @@ class Prepared(NamedTuple):
     theta: Any
     hypers: dict | None    # name -> _schedules.Schedule
     decays: dict | None    # name -> _schedules.Schedule
+    mesh: Any = None       # the mesh params0 is sharded over (`_sharding.mesh_of`), or None
 
     @property
     def rule(self):

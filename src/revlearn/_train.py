@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _schedules
+from . import _schedules, _sharding
 from .exact import _grid
 from .methods._reversible import Reversible
 from .methods._unrolled import Checkpointed, Unrolled
@@ -113,6 +113,27 @@ def train(loss_fn: Callable, params0: Any, hypers: Any = None, *, optimizer, ste
             f"optimizer={optimizer!r} is an optax GradientTransformation, which Reversible() "
             f"cannot reverse exactly. Use a reversible rule ({RULES}), or method="
             "revlearn.Unrolled() / revlearn.Checkpointed(), which store the trajectory.")
+    if isinstance(method, Reversible) and isinstance(optimizer, _base.Rule):
+        mesh = _sharding.mesh_of(params0, hypers)
+        if mesh is not None and _sharding.explicit(mesh):
+            # The fixed-point core packs and reshapes the state freely: it runs with the
+            # mesh's axes auto (XLA places it, `_sharding.placer`), and hands back w_T and
+            # the state with params0's shardings.
+            # (the rule's concrete numbers stay static: they size the buffers)
+            leaves, tdef = jax.tree_util.tree_flatten(optimizer)
+            dyn = [i for i, l in enumerate(leaves) if isinstance(l, jax.Array)]
+
+            def inner(params0, hypers, dynamic, state0):
+                full = list(leaves)
+                for i, v in zip(dyn, dynamic):
+                    full[i] = v
+                return train(loss_fn, params0, hypers, optimizer=tdef.unflatten(full),
+                             steps=steps, method=method, state0=state0, path_fn=path_fn,
+                             return_state=return_state)
+            out = _sharding.auto_out_shardings(mesh, params0, optimizer, return_state,
+                                               path_fn is not None)
+            return jax.sharding.auto_axes(inner, out_sharding=out)(
+                params0, hypers, [leaves[i] for i in dyn], state0)
     p = prepare(loss_fn, params0, hypers, optimizer=optimizer, steps=steps, state0=state0,
                 path_fn=path_fn)
     params_T, state_T, path = method.solve(p)
@@ -261,4 +282,5 @@ def prepare(loss_fn, params0, hypers=None, *, optimizer=None, steps, state0=None
                       shapes=tuple(tuple(jnp.shape(l)) for l in leaves),
                       dtypes=tuple(jnp.result_type(l) for l in leaves),
                       steps=steps)
-    return Prepared(problem, optimizer, params0, state, (hypers, tuple(consts)), hyp, dec)
+    mesh = _sharding.mesh_of(params0, hypers)
+    return Prepared(problem, optimizer, params0, state, (hypers, tuple(consts)), hyp, dec, mesh)

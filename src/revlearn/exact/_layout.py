@@ -20,6 +20,18 @@ leaves: biases, norms).
 Padding elements take part in every stage with zero weight and velocity; the
 gradient never sees them (`unpack` drops them) and they reverse exactly like
 real weights, so the state's bit-for-bit check covers them too.
+
+Sharded over S devices (`Layout.of(shapes, shards=S)`), every leaf's rows are
+rounded up to a multiple of S and the packed rows are ordered device-major:
+
+    packed row  d R + r   (d < S, r < R = nblocks / S)  is row d r_i + (r - row0_i)
+                                                         of the leaf i with row0_i <= r < row0_i + r_i
+
+so splitting the rows axis into S equal blocks (the sharding of the state,
+`exact._sharding`) gives each device r_i = rows_i / S consecutive rows of every
+leaf: each step's elementwise work, and every per-leaf slice of it (the
+buffer's word stacks, bounds and heads), stays on the device that holds it.
+S = 1 is the unsharded layout above.
 """
 
 from __future__ import annotations
@@ -35,19 +47,23 @@ BLOCK = 64
 
 
 class Layout(NamedTuple):
-    """Static placement of the leaves of shapes `shapes` in [nblocks, BLOCK]."""
+    """Static placement of the leaves of shapes `shapes` in [nblocks, BLOCK], in `shards`
+    device-major blocks of rows (see the module docstring)."""
 
     shapes: tuple
-    rows: tuple            # nb_i, rows of leaf i
-    row0: tuple            # first row of leaf i
+    rows: tuple            # nb_i, rows of leaf i (a multiple of shards)
+    row0: tuple            # first row of leaf i within each shard's block
     nblocks: int
+    shards: int = 1
 
     @classmethod
-    def of(cls, shapes) -> "Layout":
+    def of(cls, shapes, shards: int = 1) -> "Layout":
         shapes = tuple(tuple(s) for s in shapes)
         rows = tuple(-(-math.prod(s) // BLOCK) for s in shapes)     # an empty leaf has none
-        row0 = tuple(int(r) for r in np.cumsum((0,) + rows[:-1]))
-        return cls(shapes, rows, row0, int(sum(rows)))
+        rows = tuple(-(-r // shards) * shards for r in rows)
+        local = tuple(r // shards for r in rows)
+        row0 = tuple(int(r) for r in np.cumsum((0,) + local[:-1]))
+        return cls(shapes, rows, row0, int(sum(rows)), shards)
 
     @property
     def sizes(self) -> list[int]:
@@ -60,7 +76,18 @@ class Layout(NamedTuple):
     @property
     def row_leaf(self) -> np.ndarray:
         """Leaf index of each row [nblocks] (int32)."""
-        return np.repeat(np.arange(len(self.shapes), dtype=np.int32), self.rows)
+        local = np.repeat(np.arange(len(self.shapes), dtype=np.int32),
+                          [r // self.shards for r in self.rows])
+        return np.tile(local, self.shards)
+
+    def _interleave(self, parts) -> jax.Array:
+        """Per-leaf rows [..., nb_i, BLOCK] -> the packed rows [..., nblocks, BLOCK]."""
+        if self.shards == 1:
+            return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-2)
+        S = self.shards
+        split = [p.reshape(p.shape[:-2] + (S, p.shape[-2] // S, BLOCK)) for p in parts]
+        out = split[0] if len(split) == 1 else jnp.concatenate(split, axis=-2)
+        return out.reshape(out.shape[:-3] + (self.nblocks, BLOCK))
 
     def pack_leaf(self, leaf: jax.Array, i: int, pad: str = "constant") -> jax.Array:
         """Leaf i [*S_i] -> its rows [nb_i, BLOCK], padded with zeros ("constant") or the
@@ -76,11 +103,18 @@ class Layout(NamedTuple):
         or the leaf's last value ("edge")."""
         parts = [self.pack_leaf(l if dtype is None else jnp.asarray(l).astype(dtype), i, pad)
                  for i, l in enumerate(leaves)]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        return self._interleave(parts)
 
     def rows_of(self, flat: jax.Array, i: int) -> jax.Array:
         """Leaf i's rows of a packed array, padding included [..., nb_i, BLOCK]."""
-        return jax.lax.slice_in_dim(flat, self.row0[i], self.row0[i] + self.rows[i], axis=-2)
+        S = self.shards
+        if S == 1:
+            return jax.lax.slice_in_dim(flat, self.row0[i], self.row0[i] + self.rows[i], axis=-2)
+        lead = flat.shape[:-2]
+        blocks = flat.reshape(lead + (S, self.nblocks // S, BLOCK))
+        r = self.rows[i] // S
+        part = jax.lax.slice_in_dim(blocks, self.row0[i], self.row0[i] + r, axis=-2)
+        return part.reshape(lead + (self.rows[i], BLOCK))
 
     def leaf(self, flat: jax.Array, i: int) -> jax.Array:
         """Leaf i of a packed array (the rows' leading dims kept: [..., *S_i])."""
@@ -107,8 +141,7 @@ class Layout(NamedTuple):
             dtype = jnp.result_type(*parts)
             table = [p if jnp.ndim(p) == 0 else jnp.zeros((), dtype) for p in parts]
             return jnp.stack(table).astype(dtype)[self.row_leaf][:, None]
-        parts = [jnp.broadcast_to(p, (r, BLOCK)) for p, r in zip(parts, self.rows)]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        return self._interleave([jnp.broadcast_to(p, (r, BLOCK)) for p, r in zip(parts, self.rows)])
 
     def spread(self, entries, dtype=None) -> jax.Array:
         """Per-leaf entries [*B_i] (B_i broadcastable to S_i) -> broadcastable to

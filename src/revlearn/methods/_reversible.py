@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _faults, _schedules
+from .. import _faults, _schedules, _sharding
 from .._problem import Prepared, Problem, decay_values, isolated, isolated_gradient, merge, split_inexact
 from ..exact import _buffer, _determinism, _fixed_point as fp, _grid, _wide
 from ..exact._layout import BLOCK, Layout
@@ -106,6 +106,12 @@ def require_x64(where: str) -> None:
             "revlearn.Unrolled().")
 
 
+def layout(p: Prepared) -> Layout:
+    """The packed layout of `p`'s params, split into as many row blocks as the mesh has
+    devices (`_sharding`)."""
+    return Layout.of(p.problem.shapes, _sharding.shards(p.mesh))
+
+
 def _map_schedule(fn, s: _schedules.Schedule) -> _schedules.Schedule:
     return _schedules.Schedule(tuple(None if a is None else fn(a) for a in s.constant),
                                tuple(None if a is None else fn(a) for a in s.stepwise))
@@ -118,8 +124,11 @@ def _codings(rule, decays: dict) -> tuple:
                                decays[dec.name]) for dec in rule.decays())
 
 
-def _any_bits(*conds) -> jax.Array:
-    """One pass over a leaf: bit j of the int32 result is set iff any(conds[j])."""
+def _any_bits(*conds, sharded: bool = False) -> jax.Array:
+    """Bit j of the int32 result is set iff any(conds[j]): one bitwise-or reduction, or,
+    when the state is `sharded` (XLA's CPU all-reduce has no bitwise or), one max each."""
+    if sharded:
+        return sum(jnp.max(c.astype(jnp.int32), initial=0) << j for j, c in enumerate(conds))
     code = sum(c.astype(jnp.int32) << j for j, c in enumerate(conds))
     return jax.lax.reduce(code, np.int32(0), jax.lax.bitwise_or, tuple(range(code.ndim)))
 
@@ -299,11 +308,11 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
     into float leaves `theta_f` and the others `theta_o`, see `_problem.split_inexact`);
     `decays`: the decay schedules on their grids."""
     problem, rule, k = p.problem, p.rule, method.frac_bits
-    lay = Layout.of(problem.shapes)
+    lay, place = layout(p), _sharding.placer(p.mesh)
     decs = rule.decays()
     di = {d.name: j for j, d in enumerate(decs)}
     fault = _faults.Fault.none()
-    w0 = lay.pack(w0, jnp.float64)
+    w0 = place(lay.pack(w0, jnp.float64))
     ones = _ones(w0)
     W0, bad = fp.quantize(w0, k)
     fault = fault.record(bad, _faults.WEIGHT_OVERFLOW, 0)
@@ -327,7 +336,7 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
         sv = _step_values(lay, hypers, decays, h_sl, d_sl, (count0 + t + 1).astype(jnp.float64))
         (g_tree, path_t), _, _ = gradient(method, problem, _params(problem, lay, W, k), theta_f,
                                           theta_o, t)
-        g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
+        g = place(lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64)) / ones   # one kernel
         new, X_new, conds, full = {}, [], [~jnp.isfinite(g)], [jnp.zeros((), bool)] * len(decs)
         for j, mo in enumerate(rule.moments):
             Xj = X[j]
@@ -347,19 +356,20 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
         dW, ok_w = _update(rule, method, new, sv, t, k)
         W = W + dW
         conds.append(~ok_w | fp.out_of_range_mask(W))
-        bits = _any_bits(*conds)
+        bits = _any_bits(*conds, sharded=lay.shards > 1)
         fault = fault.record((bits & 1) == 1, _faults.NONFINITE_GRADIENT, t)
         for j in range(len(rule.moments)):
             fault = fault.record((bits >> (j + 1)) & 1 == 1, _faults.STATE_OVERFLOW, t, j)
         fault = fault.record((bits >> (len(rule.moments) + 1)) & 1 == 1, _faults.WEIGHT_OVERFLOW, t)
         for q in range(len(decs)):
             fault = fault.record(full[q], _faults.BUFFER_EXHAUSTED, t, q)
-        return (W, tuple(X_new), tuple(x), tuple(m), tuple(head), tuple(stacks), path + path_t,
-                fault), None
+        return place((W, tuple(X_new), tuple(x), tuple(m), tuple(head), tuple(stacks),
+                      path + path_t, fault)), None
 
     bufs = [empty_buffer(lay, decays[d.name], capacity[d.name], d.grid) for d in decs]
-    init = (W0, tuple(X0), tuple(b[0] for b in bufs), tuple(b[1] for b in bufs),
-            tuple(b[2] for b in bufs), tuple(b[3] for b in bufs), jnp.zeros((), jnp.float64), fault)
+    init = place((W0, tuple(X0), tuple(b[0] for b in bufs), tuple(b[1] for b in bufs),
+                  tuple(b[2] for b in bufs), tuple(b[3] for b in bufs),
+                  jnp.zeros((), jnp.float64), fault))
     (W, X, x, m, head, stacks, path, fault), _ = jax.lax.scan(
         step, init, _xs(problem, hypers, decays, coding))
     return Forward(W, X, x, m, head, stacks, path, fault, W0, tuple(X0), coding)
@@ -404,7 +414,7 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
              decays: dict, count0, ct_w: list, ct_s: dict, ct_path) -> Backward:
     """Run the training backwards from `fw`, accumulating the hypergradients."""
     problem, rule, k = p.problem, p.rule, method.frac_bits
-    lay = Layout.of(problem.shapes)
+    lay, place = layout(p), _sharding.placer(p.mesh)
     decs = rule.decays()
     di = {d.name: j for j, d in enumerate(decs)}
     zeros = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)
@@ -464,7 +474,7 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
                 return cotangent(dg), (dw_p, ds, dhe, dde)
 
         (g_tree, _), (hw, hth), extra = gradient(method, problem, params, theta_f, theta_o, t, ct_fn)
-        g = lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64) / ones   # one kernel (`_ones`)
+        g = place(lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64)) / ones   # one kernel
         X = list(X)
         for j in reversed(range(len(rule.moments))):
             mo = rule.moments[j]
@@ -499,16 +509,17 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
                         zip(hypers[n].stepwise, dhe[n])) for n in hypers},
               {n: tuple(None if s is None else e.astype(s.dtype) for s, e in
                         zip(decays[n].stepwise, dde[n])) for n in decays})
-        return (W, tuple(X), tuple(x), tuple(m), tuple(head), dw, dX, dth, dh_c, dd_c, fault), ys
+        return place((W, tuple(X), tuple(x), tuple(m), tuple(head), dw, dX, dth, dh_c, dd_c,
+                      fault)), ys
 
     path_dtype = jax.eval_shape(lambda pp: problem.gradient(pp, merge(theta_f, theta_o), jnp.int32(0)),
                                 _params(problem, lay, fw.W, k))[1].dtype
     ones = _ones(fp.to_float(fw.W0, k))
     ct = lay.pack([jnp.asarray(c, jnp.float64) for c in ct_w])
     dX0 = tuple(lay.pack([jnp.asarray(c, jnp.float64) for c in ct_s[n]]) for n in names)
-    init = (fw.W, fw.X, fw.x, fw.m, fw.head, ct, dX0, zeros(theta_f),
-            {n: zeros(s.constant) for n, s in hypers.items()},
-            {n: zeros(s.constant) for n, s in decays.items()}, _faults.Fault.none())
+    init = place((fw.W, fw.X, fw.x, fw.m, fw.head, ct, dX0, zeros(theta_f),
+                  {n: zeros(s.constant) for n, s in hypers.items()},
+                  {n: zeros(s.constant) for n, s in decays.items()}, _faults.Fault.none()))
     carry, (dh_s, dd_s) = jax.lax.scan(step, init, _xs(problem, hypers, decays, fw.coding),
                                        reverse=True)
     W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry
@@ -523,6 +534,20 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
     dd = {n: _schedules.Schedule(dd_c[n], dd_s[n]) for n in decays}
     return Backward(lay.unpack(dw), {n: lay.unpack(a) for n, a in zip(names, dX)}, dth, dh, dd,
                     W, X, x, m, head, fault)
+
+
+def _batched(p: Prepared) -> bool:
+    """Whether `train` is being traced under `jax.vmap` (an input is a batch tracer)."""
+    def batched(x, depth=0):
+        # a tracer of grad or jvp under vmap wraps the batch tracer (its primal)
+        if not isinstance(x, jax.core.Tracer) or depth > 8:
+            return False
+        if type(x).__name__ == "BatchTracer":
+            return True
+        return any(batched(getattr(x, a, None), depth + 1) for a in ("primal", "val"))
+
+    trees = (p.params0, p.state0, p.theta, p.hypers, p.decays)
+    return any(batched(l) for l in jax.tree_util.tree_leaves(trees))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,7 +578,9 @@ class Reversible:
         loss's forward and backward pass, one more gradient's work per step). None
         (default): True on CPU, False on GPU and other accelerators (on a GPU the gradient
         compiled beside its VJP rounded differently from the forward pass's; see
-        `benchmarks/results/exactness_gpu.md`). Convolutions on GPU also need
+        `benchmarks/results/exactness_gpu.md`) and under `jax.vmap` (where it did on CPU
+        for Adam and RMSProp; a vmap applied outside a `jax.jit` of train cannot be seen, so
+        pass False there if the reversal reports drift). Convolutions on GPU also need
         XLA_FLAGS=--xla_gpu_deterministic_ops=true.
 
     Memory per weight: W, each moment, each decay's x and the loops' array of ones (8 bytes
@@ -653,13 +680,18 @@ class Reversible:
         require_x64("revlearn.Reversible")
         if p.rule is None:
             raise TypeError("Reversible() needs a revlearn.optim rule (got an optax transform).")
+        if self.vjp_in_branch is None and _batched(p):
+            # Under jax.vmap the batched gradient compiled beside its VJP in one branch
+            # rounded differently from the forward pass's (Adam, RMSProp on CPU): take the
+            # VJP beside the branch, which then is the forward pass's computation exactly.
+            return dataclasses.replace(self, vjp_in_branch=False).solve(p)
         rule, problem = p.rule, p.problem
         capacity = self.capacity(p)
         theta_f, theta_o = split_inexact(p.theta)
         where = f"revlearn.train(optimizer=optim.{rule.name}, method=Reversible())"
         _determinism.warn_if_nondeterministic(problem, p.params0, p.theta, where)
         info = self.info(p, capacity)
-        lay = Layout.of(problem.shapes)
+        lay = layout(p)
         names = [mo.name for mo in rule.moments]
         count0 = p.state0.get("count", jnp.int32(0))
 
@@ -697,8 +729,13 @@ class Reversible:
         run.defvjp(run_fwd, run_bwd)
         leaves = lambda tree: [jnp.asarray(l) for l in jax.tree_util.tree_leaves(tree)]
         s0 = {n: leaves(p.state0[n]) for n in names}
+        # Sharded: w_T and state_T keep params0's shardings where they are known (see
+        # `revlearn.train` for explicit meshes)
+        shardings = _sharding.known_shardings(jax.tree_util.tree_leaves(p.params0))
         wT, sT, path = run(leaves(p.params0), s0, count0, theta_f, theta_o, p.hypers,
                            decay_values(p))
+        wT = _sharding.constrain(wT, shardings)
+        sT = {n: _sharding.constrain(sT[n], shardings) for n in names}
         state = {n: problem.treedef.unflatten(sT[n]) for n in names}
         if rule.counted:
             state["count"] = count0 + problem.steps

@@ -299,7 +299,6 @@ def child(spec):
     if spec["lib"] == "baseline-jax":
         import jax
         jax.config.update("jax_enable_x64", True)
-        import jax.numpy as jnp
         from _jaxprob import Problem
         jax.block_until_ready(Problem(spec["sizes"], BATCH, N_TRAIN, N_VAL).X)
         emit({})

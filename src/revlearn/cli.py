@@ -71,6 +71,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="repeat over N seeds (seed, seed+1, ...) in subfolders seed-S, and "
                      "report mean ± std of the headline numbers")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--devices", type=int, metavar="N",
+                     help="split populations (seeds averaged, sweep points) over the first N "
+                     "devices (default: every visible device); results do not depend on it")
 
     plot = sub.add_parser("plot", help="re-render the figures of a run folder")
     plot.add_argument("run_dir", metavar="RUN_DIR")
@@ -221,6 +224,11 @@ def _cmd_run(args) -> int:
         raise CLIError(str(e)) from None
     if args.seeds < 1:
         raise CLIError(f"--seeds {args.seeds}: give a number of seeds >= 1")
+    if args.devices is not None:
+        import jax
+        if not 1 <= args.devices <= len(jax.devices()):
+            raise CLIError(f"--devices {args.devices}: {len(jax.devices())} device(s) are "
+                           f"visible; give a number from 1 to {len(jax.devices())}")
     if args.resume and args.overwrite:
         raise CLIError("--resume and --overwrite exclude each other: --resume continues the run "
                        "in the folder, --overwrite deletes it and starts again; pass one")
@@ -252,6 +260,8 @@ def _cmd_run(args) -> int:
 
 
 def _run_plan(exp, args, plan, seeds, out, parent_dir) -> int:
+    from revlearn.meta import using_devices
+
     progress = not args.no_progress
     summaries = []
     for k, (path, c) in enumerate(plan):
@@ -261,7 +271,8 @@ def _run_plan(exp, args, plan, seeds, out, parent_dir) -> int:
                             overwrite=args.overwrite, progress=progress,
                             allow_fresh_resume=args.seeds > 1)
         try:
-            summary = _run_one(exp, c, run_dir)
+            with using_devices(args.devices):
+                summary = _run_one(exp, c, run_dir)
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; continue with: {PROG} run {exp.name} "
                   f"{' '.join(_rerun_flags(args))} --resume --out {out}".replace("  ", " "),
@@ -299,6 +310,8 @@ def _rerun_flags(args) -> list[str]:
         flags.append(f"--data {args.data}")
     if args.data_dir:
         flags.append(f"--data-dir {args.data_dir}")
+    if args.devices is not None:
+        flags.append(f"--devices {args.devices}")
     return flags
 
 

@@ -57,7 +57,7 @@ import numpy as np
 import revlearn
 from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, save_figure
+from revlearn.meta import RunDir, save_figure, split_population
 
 from ._registry import Experiment, register
 from ._validate import (
@@ -234,7 +234,8 @@ def _evaluate(points, problem, *, steps: int, static: _Static, grad: bool):
             value, gs, ga = f(p[0], p[1]), jnp.nan, jnp.nan
         return jnp.stack([value, gs, ga])
 
-    return jax.vmap(one)(points)
+    points, gather = split_population(points, points.shape[0])
+    return gather(jax.vmap(one)(points))
 
 
 def evaluate_points(points, problem, *, steps, static, grad=True, chunk=8, log=None):

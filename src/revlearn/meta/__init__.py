@@ -10,7 +10,8 @@ See `_loop.py` for the loop's update equations and the resume guarantee, and
 
 from ._loop import ChaosWarning, MetaResult, chaos_flags, is_chaotic, meta_optimize
 from ._rundir import RunDir, RunDirBusy, RunDirError, RunFileError, environment, save_figure, to_json
-from ._seeds import average_over, iteration_key
+from ._seeds import (average_over, iteration_key, population_devices, split_population,
+                     using_devices)
 
 __all__ = [
     "ChaosWarning",
@@ -25,6 +26,9 @@ __all__ = [
     "is_chaotic",
     "iteration_key",
     "meta_optimize",
+    "population_devices",
     "save_figure",
+    "split_population",
     "to_json",
+    "using_devices",
 ]

@@ -15,17 +15,77 @@ keys split from `key`:
 
 evaluated with `jax.vmap` (all K at once) or, with `batch_size`, with
 `jax.lax.map` over chunks of that many keys (memory grows with the chunk).
+
+On several devices the vmapped axis (K seeds here; any population of
+hyperparameter candidates or tasks through `split_population`) is split over
+them: each device evaluates K / n of the members, then the outputs are
+gathered and reduced as on one device, so the result is the same bit for bit.
+`using_devices(n)` (the command line's `--devices N`) limits n; by default
+every visible device takes part.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["iteration_key", "average_over"]
+__all__ = ["average_over", "iteration_key", "population_devices", "split_population",
+           "using_devices"]
+
+_DEVICES: contextvars.ContextVar[int | None] = contextvars.ContextVar("revlearn_devices",
+                                                                       default=None)
+
+
+@contextlib.contextmanager
+def using_devices(n: int | None) -> Iterator[None]:
+    """Within the block, population axes are split over the first `n` devices (None: all).
+    It is read when a function is traced: a function jitted and called before keeps the
+    split it was compiled with (jit caches by argument types)."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"devices={n!r}: give a number of devices >= 1, or None for all")
+    if n is not None and n > len(jax.devices()):
+        raise ValueError(f"devices={n}: only {len(jax.devices())} device(s) are visible "
+                         f"({jax.devices()[0].platform}); pass at most {len(jax.devices())}")
+    token = _DEVICES.set(n)
+    try:
+        yield
+    finally:
+        _DEVICES.reset(token)
+
+
+def population_devices(size: int) -> int:
+    """How many devices a population of `size` members is split over: the largest n <= the
+    devices in use that divides `size` (1: not split)."""
+    n = min(_DEVICES.get() or len(jax.devices()), len(jax.devices()), max(size, 1))
+    while n > 1 and size % n:
+        n -= 1
+    return n
+
+
+def split_population(tree: Any, size: int) -> tuple[Any, Callable[[Any], Any]]:
+    """Split the leading axis (of length `size`) of every array in `tree` over
+    `population_devices(size)` devices. Returns (tree, gather): apply `gather` to the
+    vmapped outputs to bring them back whole to every device before reducing them, so the
+    reduction runs as on one device."""
+    n = population_devices(size)
+    if n == 1:
+        return tree, lambda out: out
+    mesh = Mesh(np.array(jax.devices()[:n]), ("population",))
+
+    def spec(x):
+        return NamedSharding(mesh, P("population", *([None] * (x.ndim - 1))))
+
+    tree = jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, spec(x)), tree)
+    whole = NamedSharding(mesh, P())
+    return tree, lambda out: jax.tree_util.tree_map(
+        lambda x: jax.lax.with_sharding_constraint(x, whole), out)
 
 
 def iteration_key(seed: int, iteration) -> jax.Array:
@@ -59,7 +119,8 @@ def average_over(fn: Callable[..., Any], num: int, *, batch_size: int | None = N
     def averaged(hypers, key, *args):
         keys = jax.random.split(key, num)
         if batch_size is None:
-            out = jax.vmap(lambda k: fn(hypers, k, *args))(keys)
+            keys, gather = split_population(keys, num)
+            out = gather(jax.vmap(lambda k: fn(hypers, k, *args))(keys))
         else:
             out = jax.lax.map(lambda k: fn(hypers, k, *args), keys, batch_size=batch_size)
         return jax.tree_util.tree_map(

@@ -108,3 +108,14 @@ def test_check_handles_key_and_int_hypers(on_gpu):
     hypers = {"key": jax.random.key(0), "scale": jnp.float64(0.01), "n": jnp.int32(1)}
     with pytest.warns(RuntimeWarning, match="conv_general_dilated"):
         revlearn.sgd(noisy_conv, CONV, hypers, lr=0.05, momentum=0.9, steps=2)
+
+
+def test_sharded_over_several_gpus_warns_without_flag(on_gpu):
+    mesh = jax.sharding.AbstractMesh((4,), ("d",))
+    with pytest.warns(RuntimeWarning, match="sharded over 4 GPUs, whose collectives"):
+        _determinism.warn_if_sharded_nondeterministic(mesh, "here")
+    on_gpu.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _determinism.warn_if_sharded_nondeterministic(mesh, "here")
+        _determinism.warn_if_sharded_nondeterministic(None, "here")

@@ -59,6 +59,23 @@ def primitives(jaxpr) -> set[str]:
     return names
 
 
+def warn_if_sharded_nondeterministic(mesh, where: str) -> None:
+    """Warn (RuntimeWarning) when the state is sharded over several GPUs without the
+    deterministic-ops flag: the gradient's all-reduces must add in the same order in both
+    passes (NCCL's do not promise it without the flag). On CPU the collectives are
+    deterministic and this returns at once."""
+    if mesh is None or getattr(mesh, "size", 1) <= 1 or _backend() not in ("gpu", "cuda", "rocm"):
+        return
+    if deterministic_flag_set(os.environ.get("XLA_FLAGS", "")):
+        return
+    warnings.warn(
+        f"{where}: training is sharded over {mesh.size} GPUs, whose collectives (the "
+        "gradient's all-reduces) need not add in the same order in the forward and the "
+        "reverse pass, so the reversal may drift and end in an error. Set "
+        f"XLA_FLAGS={FLAG} in the environment before JAX starts, or use "
+        "revlearn.Checkpointed().", RuntimeWarning, stacklevel=4)
+
+
 def warn_if_nondeterministic(problem, params, theta, where: str) -> None:
     """Warn (RuntimeWarning) when running on GPU without the deterministic-ops flag and
     the gradient of `problem`'s loss contains a primitive in `NONDETERMINISTIC_ON_GPU`.

@@ -690,6 +690,7 @@ class Reversible:
         theta_f, theta_o = split_inexact(p.theta)
         where = f"revlearn.train(optimizer=optim.{rule.name}, method=Reversible())"
         _determinism.warn_if_nondeterministic(problem, p.params0, p.theta, where)
+        _determinism.warn_if_sharded_nondeterministic(p.mesh, where)
         info = self.info(p, capacity)
         lay = layout(p)
         names = [mo.name for mo in rule.moments]

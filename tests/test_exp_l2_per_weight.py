@@ -23,7 +23,7 @@ def _tiny_data(key, n=(40, 30, 20)):
     return out
 
 
-@pytest.mark.parametrize("model", ["logistic", "mlp"])
+@pytest.mark.parametrize("model", ["logistic", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_reversible_hypergradient_matches_unrolled_or_finite_differences(model):
     config = exp.Config(model=model, hidden=6, seed=3)
     static = exp._Static(steps=4, batch_size=10, lr=0.5, momentum=0.9, meta_penalty=3.0)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 WORKER = textwrap.dedent('''
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
@@ -47,29 +49,40 @@ WORKER = textwrap.dedent('''
     except ValueError as e:
         out["bad"] = str(e)
 
-    # the command line: an experiment that averages seeds, on 1 and on 2 devices
-    base = ["run", "schedules", "--smoke", "--no-progress"]
-    rc1 = main(base + ["--devices", "1", "--out", sys.argv[1] + "/one"])
-    rc2 = main(base + ["--devices", "2", "--out", sys.argv[1] + "/two"])
-    a = meta.RunDir(sys.argv[1] + "/one").load_arrays("results")
-    b = meta.RunDir(sys.argv[1] + "/two").load_arrays("results")
-    out["cli_rc"] = [rc1, rc2]
-    out["cli_identical"] = a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    if sys.argv[2] == "cli":  # the command line: an experiment averaging seeds, on 1 and 2 devices
+        base = ["run", "schedules", "--smoke", "--no-progress"]
+        rc1 = main(base + ["--devices", "1", "--out", sys.argv[1] + "/one"])
+        rc2 = main(base + ["--devices", "2", "--out", sys.argv[1] + "/two"])
+        a = meta.RunDir(sys.argv[1] + "/one").load_arrays("results")
+        b = meta.RunDir(sys.argv[1] + "/two").load_arrays("results")
+        out["cli_rc"] = [rc1, rc2]
+        out["cli_identical"] = a.keys() == b.keys() and all(
+            a[k].tobytes() == b[k].tobytes() for k in a)
     print("RESULT " + json.dumps(out))
 ''')
 
 
-def test_populations_split_over_devices_give_identical_results(tmp_path):
+def _run(tmp_path, what: str) -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path), what],
+                          capture_output=True, text=True, env=env, timeout=600)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(line[0][len("RESULT "):])
+    return json.loads(line[0][len("RESULT "):])
+
+
+def test_populations_split_over_devices_give_identical_results(tmp_path):
+    out = _run(tmp_path, "api")
     assert out["devices_used_1"] == 1 and out["devices_used_default"] == 4
     assert out["devices_run"] == [1, 4], out["devices_run"]
     assert out["identical"], "averaging over 4 devices changed the result"
     assert out["uneven"] == 3
     assert "only 4 device(s) are visible" in out["bad"]
+
+
+@pytest.mark.slow  # two smoke runs of schedules (~40 s)
+def test_cli_devices_flag_gives_identical_results(tmp_path):
+    out = _run(tmp_path, "cli")
+    assert out["devices_run"] == [1, 4] and out["identical"]
     assert out["cli_rc"] == [0, 0] and out["cli_identical"]

@@ -63,6 +63,7 @@ def test_float32_model_reversible_matches_unrolled():
         assert rel(g_rev[i], g_unr[i]) < 1e-4
 
 
+@pytest.mark.slow  # 21 s; check_hypergradients runs in test_optim.py (every rule) and both examples
 def test_checker_agrees_with_finite_differences():
     loss_fn, meta_fn, params0, hypers = make("logistic")
     lr, mom = layer_schedules(params0, STEPS, lr=0.2)

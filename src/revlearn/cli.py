@@ -408,13 +408,23 @@ def main(argv: list[str] | None = None) -> int:
         import jax
         jax.config.update("jax_enable_x64", True)
         from revlearn.data import DataError
-        from revlearn.meta import RunDirError
 
         command = {"list": _cmd_list, "run": _cmd_run, "plot": _cmd_plot,
                    "check": _cmd_check}[args.command]
+        lab_errors: tuple = ()
+        if args.command != "check":  # `check` is the core's; the rest is the lab's
+            try:
+                from revlearn._extras import require
+                require(f"`{PROG} {args.command}`")
+                from revlearn.meta import RunDirError
+            except ImportError as e:
+                if debug:
+                    raise
+                raise CLIError(_one_line(e)) from None
+            lab_errors = (RunDirError,)
         try:
             return command(args)
-        except (RunDirError, DataError, PermissionError, NotADirectoryError,
+        except (*lab_errors, DataError, PermissionError, NotADirectoryError,
                 FileExistsError, IsADirectoryError) as e:
             if debug:
                 raise

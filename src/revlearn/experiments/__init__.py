@@ -3,7 +3,11 @@
 See `_registry.py` for how to add one.
 """
 
-from ._registry import (
+from .._extras import require
+
+require("revlearn.experiments")
+
+from ._registry import (  # noqa: E402
     ConfigError,
     Experiment,
     UnknownExperimentError,

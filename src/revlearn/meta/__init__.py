@@ -8,10 +8,15 @@ See `_loop.py` for the loop's update equations and the resume guarantee, and
 `_rundir.py` for the layout of a run folder.
 """
 
-from ._loop import ChaosWarning, MetaResult, chaos_flags, is_chaotic, meta_optimize
-from ._rundir import RunDir, RunDirBusy, RunDirError, RunFileError, environment, save_figure, to_json
-from ._seeds import (average_over, iteration_key, population_devices, split_population,
-                     using_devices)
+from .._extras import require
+
+require("revlearn.meta")
+
+from ._loop import ChaosWarning, MetaResult, chaos_flags, is_chaotic, meta_optimize  # noqa: E402
+from ._rundir import (RunDir, RunDirBusy, RunDirError, RunFileError,  # noqa: E402
+                      environment, save_figure, to_json)
+from ._seeds import (average_over, iteration_key, population_devices,  # noqa: E402
+                     split_population, using_devices)
 
 __all__ = [
     "ChaosWarning",

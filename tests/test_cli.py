@@ -15,16 +15,7 @@ import revlearn
 from revlearn import experiments
 from revlearn.cli import main
 from revlearn.experiments import ConfigError, parse_value
-
-
-def _error_line(capsys, argv) -> str:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("revlearn: error: ")
-    return lines[0]
+from _cli import error_line
 
 
 def test_list_shows_every_experiment(capsys):
@@ -88,30 +79,30 @@ def test_parse_value_types():
 # -- one-line errors, exit status 2 ----------------------------------------------------------
 
 def test_unknown_experiment(capsys):
-    line = _error_line(capsys, ["run", "no-such-thing"])
+    line = error_line(capsys, ["run", "no-such-thing"])
     assert "unknown experiment 'no-such-thing'" in line and "quickstart" in line
 
 
 def test_unknown_set_key(capsys, tmp_path):
-    line = _error_line(capsys, ["run", "quickstart", "--set", "stepz=3", "--out", str(tmp_path)])
+    line = error_line(capsys, ["run", "quickstart", "--set", "stepz=3", "--out", str(tmp_path)])
     assert "'stepz'" in line and "valid keys:" in line and "steps" in line
 
 
 def test_ill_typed_value(capsys, tmp_path):
-    line = _error_line(capsys, ["run", "quickstart", "--set", "steps=ten", "--out", str(tmp_path)])
+    line = error_line(capsys, ["run", "quickstart", "--set", "steps=ten", "--out", str(tmp_path)])
     assert "steps='ten' is not an int" in line
-    line = _error_line(capsys, ["run", "quickstart", "--set", "data=cifar"])
+    line = error_line(capsys, ["run", "quickstart", "--set", "data=cifar"])
     assert "embedded" in line and "mnist" in line
-    line = _error_line(capsys, ["run", "quickstart", "--set", "steps=0"])
+    line = error_line(capsys, ["run", "quickstart", "--set", "steps=0"])
     assert "steps=0 must be >= 1" in line
-    line = _error_line(capsys, ["run", "quickstart", "--set", "steps"])
+    line = error_line(capsys, ["run", "quickstart", "--set", "steps"])
     assert "key=value" in line
 
 
 def test_missing_run_folder_for_plot(capsys, tmp_path):
-    line = _error_line(capsys, ["plot", str(tmp_path / "nope")])
+    line = error_line(capsys, ["plot", str(tmp_path / "nope")])
     assert "no run folder at" in line
-    line = _error_line(capsys, ["plot", str(tmp_path)])
+    line = error_line(capsys, ["plot", str(tmp_path)])
     assert "not a run folder (no config.json)" in line
 
 
@@ -123,25 +114,25 @@ def _fake_run(path: Path, **changes):
 
 
 def test_incompatible_resume(capsys, tmp_path):
-    line = _error_line(capsys, ["run", "quickstart", "--smoke", "--resume",
+    line = error_line(capsys, ["run", "quickstart", "--smoke", "--resume",
                                 "--out", str(tmp_path / "empty")])
     assert "nothing to resume" in line
     _fake_run(tmp_path / "run", steps=7)
-    line = _error_line(capsys, ["run", "quickstart", "--smoke", "--resume",
+    line = error_line(capsys, ["run", "quickstart", "--smoke", "--resume",
                                 "--out", str(tmp_path / "run")])
     assert "config differs in steps (saved 7, now 10)" in line
-    line = _error_line(capsys, ["run", "quickstart", "--smoke", "--out", str(tmp_path / "run")])
+    line = error_line(capsys, ["run", "quickstart", "--smoke", "--out", str(tmp_path / "run")])
     assert "already holds a run" in line and "--resume" in line
-    line = _error_line(capsys, ["run", "quickstart", "--smoke", "--seeds", "2", "--resume",
+    line = error_line(capsys, ["run", "quickstart", "--smoke", "--seeds", "2", "--resume",
                                 "--out", str(tmp_path / "run")])
     assert "it holds a one-seed run, not a run over seeds [0, 1]" in line
 
 
 def test_argparse_errors_are_one_line(capsys):
-    line = _error_line(capsys, ["frobnicate"])
+    line = error_line(capsys, ["frobnicate"])
     assert "invalid choice" in line
-    _error_line(capsys, ["run", "quickstart", "--data", "cifar"])
-    _error_line(capsys, ["run", "quickstart", "--seeds", "0"])
+    error_line(capsys, ["run", "quickstart", "--data", "cifar"])
+    error_line(capsys, ["run", "quickstart", "--seeds", "0"])
 
 
 def test_error_from_a_real_process_has_no_traceback():
@@ -171,4 +162,4 @@ def test_check(monkeypatch, capsys, passed, code):
 
 def test_check_without_self_check(monkeypatch, capsys):
     monkeypatch.delattr(revlearn, "self_check", raising=False)
-    assert "self_check" in _error_line(capsys, ["check"])
+    assert "self_check" in error_line(capsys, ["check"])

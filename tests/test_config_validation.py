@@ -16,13 +16,13 @@ import pytest
 
 import revlearn
 from revlearn import data, experiments
-from revlearn.cli import main
 from revlearn.experiments import (
     ConfigError,
     apply_overrides,
     parse_value,
     validate_config,
 )
+from _cli import error_line
 
 ALL = experiments.names()
 
@@ -247,16 +247,6 @@ def test_adam_b2_check_agrees_with_the_core():
 
 # -- through the command line -----------------------------------------------------------------
 
-def _cli_error(capsys, argv) -> str:
-    code = main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("revlearn: error: ") and "Traceback" not in err
-    return lines[0]
-
-
 @pytest.mark.parametrize("name,override", [
     ("quickstart", "init_lr=nan"), ("quickstart", "meta_lr=nan"), ("quickstart", "clip=-1"),
     ("quickstart", "momentum=0.999999"), ("l2-per-weight", "momentum=0.999999"),
@@ -265,7 +255,7 @@ def _cli_error(capsys, argv) -> str:
 ])
 def test_cli_rejects_bad_value_before_writing(capsys, tmp_path, name, override):
     out = tmp_path / "run"
-    line = _cli_error(capsys, ["run", name, "--smoke", "--set", override, "--out", str(out),
+    line = error_line(capsys, ["run", name, "--smoke", "--set", override, "--out", str(out),
                                "--no-progress"])
     assert override.partition("=")[0] in line
     assert not out.exists()
@@ -295,17 +285,17 @@ def test_cli_rejects_missing_mnist_before_writing(capsys, tmp_path, offline):
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "run"
-    line = _cli_error(capsys, ["run", "quickstart", "--smoke", "--data", "mnist", "--data-dir",
+    line = error_line(capsys, ["run", "quickstart", "--smoke", "--data", "mnist", "--data-dir",
                                str(empty), "--out", str(out), "--no-progress"])
     assert "could not download" in line
     assert not out.exists()
     unwritable = tmp_path / "file"
     unwritable.write_text("")
-    line = _cli_error(capsys, ["run", "quickstart", "--smoke", "--data", "mnist", "--data-dir",
+    line = error_line(capsys, ["run", "quickstart", "--smoke", "--data", "mnist", "--data-dir",
                                str(unwritable / "x"), "--out", str(out), "--no-progress"])
     assert "not a writable folder" in line and not out.exists()
     missing = tmp_path / "nonexistent" / "x"
-    line = _cli_error(capsys, ["run", "quickstart", "--smoke", "--data", "mnist", "--data-dir",
+    line = error_line(capsys, ["run", "quickstart", "--smoke", "--data", "mnist", "--data-dir",
                                str(missing), "--out", str(out), "--no-progress"])
     assert "could not download" in line and not out.exists() and not missing.parent.exists()
 

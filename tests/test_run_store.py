@@ -18,8 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from revlearn.cli import main
 from revlearn.meta import RunDir, RunDirBusy, RunFileError, meta_optimize, save_figure
+from _cli import error_line
 
 RECORD = {"experiment": "quickstart", "smoke": True, "config": {"seed": 0}}
 
@@ -28,13 +28,6 @@ def _begun(path, record=RECORD) -> RunDir:
     rd = RunDir(path).lock()
     rd.begin(record, fresh=True)
     return rd
-
-
-def _error_line(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("revlearn: error: "), err
-    return err[0]
 
 
 # -- one writer ------------------------------------------------------------------------------
@@ -171,7 +164,7 @@ def test_plot_refuses_results_of_another_run(tmp_path, capsys, monkeypatch):
     rd.unlock()
     monkeypatch.setattr(RunDir, "_clear", lambda self, keep: None)  # killed before clearing
     _begun(tmp_path, dict(RECORD, config={"seed": 1})).unlock()
-    line = _error_line(capsys, ["plot", str(tmp_path)])
+    line = error_line(capsys, ["plot", str(tmp_path)])
     assert "written by another run" in line and "nothing was plotted" in line
 
 
@@ -179,16 +172,16 @@ def test_environment_errors_are_one_line(tmp_path, capsys):
     file = tmp_path / "file"
     file.write_text("x")
     smoke = ["run", "quickstart", "--smoke", "--no-progress"]
-    assert "is a file" in _error_line(capsys, smoke + ["--out", str(file)])
-    assert "part of the path is a file" in _error_line(capsys, smoke + ["--out", str(file / "run")])
-    line = _error_line(capsys, smoke + ["--out", "/proc/revlearn-cannot-write-here"])
+    assert "is a file" in error_line(capsys, smoke + ["--out", str(file)])
+    assert "part of the path is a file" in error_line(capsys, smoke + ["--out", str(file / "run")])
+    line = error_line(capsys, smoke + ["--out", "/proc/revlearn-cannot-write-here"])
     assert "cannot create the run folder /proc/revlearn-cannot-write-here" in line
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert "is not empty and holds no revlearn run" in _error_line(
+    assert "is not empty and holds no revlearn run" in error_line(
         capsys, smoke + ["--out", str(tmp_path / "mine")])
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    assert "exclude each other" in _error_line(
+    assert "exclude each other" in error_line(
         capsys, smoke + ["--out", str(tmp_path / "r"), "--resume", "--overwrite"])
     assert not (tmp_path / "r").exists()
 
@@ -225,11 +218,11 @@ def test_two_concurrent_writers(tmp_path, capsys):
     try:
         _wait_for(lambda: (out / "metrics.jsonl").exists(), proc, "a metrics line")
         for extra in (["--resume"], ["--overwrite"], []):
-            line = _error_line(capsys, ARGS + ["--set", "meta_iterations=400", "--out", str(out)]
+            line = error_line(capsys, ARGS + ["--set", "meta_iterations=400", "--out", str(out)]
                                + extra)
-            assert f"in use by another revlearn process (PID {proc.pid})" in line \
-                or "already holds a run" in line
-        assert f"PID {proc.pid}" in _error_line(capsys, ["plot", str(out)])
+            # the lock is taken before anything else is looked at, so every writer meets it
+            assert f"in use by another revlearn process (PID {proc.pid})" in line, line
+        assert f"PID {proc.pid}" in error_line(capsys, ["plot", str(out)])
     finally:
         proc.kill()
         proc.wait()

@@ -218,6 +218,18 @@ def guard_cotangents(tree, where: str, **info):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def state0_faults(fault: Fault, rule, state0: dict) -> Fault:
+    """Record NEGATIVE_STATE (at step 0) for a moment that must be >= 0 (Adam's s) but holds
+    negative values in `state0` (moment name -> its leaves): every method starts from it."""
+    for j, mo in enumerate(rule.moments):
+        if mo.nonnegative:
+            neg = jnp.zeros((), bool)
+            for x in state0[mo.name]:
+                neg |= jnp.any(jnp.asarray(x) < 0)
+            fault = fault.record(neg, NEGATIVE_STATE, 0, j)
+    return fault
+
+
 def all_finite(leaves) -> jax.Array:
     """Whether every inexact array in `leaves` is finite (a bool scalar)."""
     ok = jnp.ones((), bool)

@@ -16,7 +16,6 @@ device.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
@@ -87,8 +86,9 @@ def state_spec(mesh, ndim: int) -> P:
 
 
 def placer(mesh):
-    """`place(tree)`: every [..., rows, BLOCK] array of `tree` constrained to the state's
-    sharding (rows split over the mesh); the identity without a mesh."""
+    """`place(tree)`: every [..., rows, BLOCK] array of `tree` (the reversible state only:
+    a user's array could have that shape too) constrained to the state's sharding (rows
+    split over the mesh); the identity without a mesh."""
     S = shards(mesh)
     if S == 1:
         return lambda tree: tree
@@ -165,8 +165,7 @@ def with_auto_axes(fn):
             return jax.tree_util.tree_map(one, tree)
 
         kw = {k: move(v) for k, v in kw.items()}
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(jax.set_mesh(auto))
+        with jax.set_mesh(auto):
             return fn(loss_fn, move(params0), move(hypers), *args, **kw)
 
     return wrapped

@@ -234,7 +234,7 @@ def _evaluate(points, problem, *, steps: int, static: _Static, grad: bool):
             value, gs, ga = f(p[0], p[1]), jnp.nan, jnp.nan
         return jnp.stack([value, gs, ga])
 
-    points, gather = split_population(points, points.shape[0])
+    points, gather = split_population(points)
     return gather(jax.vmap(one)(points))
 
 

@@ -315,10 +315,6 @@ class RunDir:
         """Whether the folder holds a run (a config.json)."""
         return (self.path / self.CONFIG).is_file()
 
-    def is_empty(self) -> bool:
-        """Whether the folder holds nothing but its lock file."""
-        return all(p.name == self.LOCK for p in self.path.iterdir())
-
     def begin(self, record: Mapping[str, Any], *, fresh: bool) -> str:
         """Start (`fresh`) or continue this run; needs `lock()`. Returns the run's id.
 
@@ -474,9 +470,7 @@ class RunDir:
         np.savez(buffer, **arrays)
         with _atomic(path, "wb") as f:
             f.write(buffer.getvalue())
-            if keep_previous and path.exists():
-                f.flush()
-                os.fsync(f.fileno())
+            if keep_previous and path.exists():  # a kill before the new one lands: prev read
                 os.replace(path, self._previous(path))
         return path
 

@@ -69,12 +69,12 @@ def population_devices(size: int) -> int:
     return n
 
 
-def split_population(tree: Any, size: int) -> tuple[Any, Callable[[Any], Any]]:
-    """Split the leading axis (of length `size`) of every array in `tree` over
-    `population_devices(size)` devices. Returns (tree, gather): apply `gather` to the
-    vmapped outputs to bring them back whole to every device before reducing them, so the
-    reduction runs as on one device."""
-    n = population_devices(size)
+def split_population(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """Split the leading axis (the population, the same length in every array of `tree`)
+    over `population_devices(length)` devices. Returns (tree, gather): apply `gather` to
+    the vmapped outputs to bring them back whole to every device before reducing them, so
+    the reduction runs as on one device."""
+    n = population_devices(jax.tree_util.tree_leaves(tree)[0].shape[0])
     if n == 1:
         return tree, lambda out: out
     mesh = Mesh(np.array(jax.devices()[:n]), ("population",))
@@ -119,7 +119,7 @@ def average_over(fn: Callable[..., Any], num: int, *, batch_size: int | None = N
     def averaged(hypers, key, *args):
         keys = jax.random.split(key, num)
         if batch_size is None:
-            keys, gather = split_population(keys, num)
+            keys, gather = split_population(keys)
             out = gather(jax.vmap(lambda k: fn(hypers, k, *args))(keys))
         else:
             out = jax.lax.map(lambda k: fn(hypers, k, *args), keys, batch_size=batch_size)

@@ -316,11 +316,10 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
     ones = _ones(w0)
     W0, bad = fp.quantize(w0, k)
     fault = fault.record(bad, _faults.WEIGHT_OVERFLOW, 0)
+    fault = _faults.state0_faults(fault, rule, s0)
     X0 = []
     for j, mo in enumerate(rule.moments):
         x0 = lay.pack(s0[mo.name], jnp.float64)
-        if mo.nonnegative:
-            fault = fault.record(jnp.any(x0 < 0), _faults.NEGATIVE_STATE, 0, j)
         Xj, ok = _quantize(mo, x0, k)
         fault = fault.record(~jnp.all(ok), _faults.STATE_OVERFLOW, 0, j)
         X0.append(Xj)
@@ -363,13 +362,13 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
         fault = fault.record((bits >> (len(rule.moments) + 1)) & 1 == 1, _faults.WEIGHT_OVERFLOW, t)
         for q in range(len(decs)):
             fault = fault.record(full[q], _faults.BUFFER_EXHAUSTED, t, q)
-        return place((W, tuple(X_new), tuple(x), tuple(m), tuple(head), tuple(stacks),
-                      path + path_t, fault)), None
+        return place((W, tuple(X_new), tuple(x), tuple(m), tuple(head), tuple(stacks))) + (
+            path + path_t, fault), None
 
     bufs = [empty_buffer(lay, decays[d.name], capacity[d.name], d.grid) for d in decs]
     init = place((W0, tuple(X0), tuple(b[0] for b in bufs), tuple(b[1] for b in bufs),
-                  tuple(b[2] for b in bufs), tuple(b[3] for b in bufs),
-                  jnp.zeros((), jnp.float64), fault))
+                  tuple(b[2] for b in bufs), tuple(b[3] for b in bufs))) + (
+        jnp.zeros((), jnp.float64), fault)
     (W, X, x, m, head, stacks, path, fault), _ = jax.lax.scan(
         step, init, _xs(problem, hypers, decays, coding))
     return Forward(W, X, x, m, head, stacks, path, fault, W0, tuple(X0), coding)
@@ -509,17 +508,17 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
                         zip(hypers[n].stepwise, dhe[n])) for n in hypers},
               {n: tuple(None if s is None else e.astype(s.dtype) for s, e in
                         zip(decays[n].stepwise, dde[n])) for n in decays})
-        return place((W, tuple(X), tuple(x), tuple(m), tuple(head), dw, dX, dth, dh_c, dd_c,
-                      fault)), ys
+        W, X, x, m, head, dw, dX = place((W, tuple(X), tuple(x), tuple(m), tuple(head), dw, dX))
+        return (W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault), ys
 
     path_dtype = jax.eval_shape(lambda pp: problem.gradient(pp, merge(theta_f, theta_o), jnp.int32(0)),
                                 _params(problem, lay, fw.W, k))[1].dtype
     ones = _ones(fp.to_float(fw.W0, k))
     ct = lay.pack([jnp.asarray(c, jnp.float64) for c in ct_w])
     dX0 = tuple(lay.pack([jnp.asarray(c, jnp.float64) for c in ct_s[n]]) for n in names)
-    init = place((fw.W, fw.X, fw.x, fw.m, fw.head, ct, dX0, zeros(theta_f),
-                  {n: zeros(s.constant) for n, s in hypers.items()},
-                  {n: zeros(s.constant) for n, s in decays.items()}, _faults.Fault.none()))
+    init = place((fw.W, fw.X, fw.x, fw.m, fw.head, ct, dX0)) + (
+        zeros(theta_f), {n: zeros(s.constant) for n, s in hypers.items()},
+        {n: zeros(s.constant) for n, s in decays.items()}, _faults.Fault.none())
     carry, (dh_s, dd_s) = jax.lax.scan(step, init, _xs(problem, hypers, decays, fw.coding),
                                        reverse=True)
     W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry

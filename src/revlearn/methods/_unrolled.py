@@ -35,12 +35,8 @@ def _rule_step(p: Prepared):
     names = list(p.hypers)
     fault0 = _faults.schedule_faults(_faults.Fault.none(), rule, p.hypers, p.decays,
                                      problem.steps)
-    for j, mo in enumerate(rule.moments):
-        if mo.nonnegative:  # e.g. Adam's s: a negative one would be silently NaN-free garbage
-            neg = jnp.zeros((), bool)
-            for x in jax.tree_util.tree_leaves(p.state0[mo.name]):
-                neg |= jnp.any(x < 0)
-            fault0 = fault0.record(neg, _faults.NEGATIVE_STATE, 0, j)
+    mom0 = {m.name: jax.tree_util.tree_leaves(p.state0[m.name]) for m in rule.moments}
+    fault0 = _faults.state0_faults(fault0, rule, mom0)
     count0 = p.state0.get("count", jnp.int32(0))
 
     def step(carry, xs):
@@ -64,7 +60,6 @@ def _rule_step(p: Prepared):
                              _faults.NONFINITE_STATE, t)
         return (w_new, mom_new, path + path_t, fault), None
 
-    mom0 = {m.name: jax.tree_util.tree_leaves(p.state0[m.name]) for m in rule.moments}
     init = (jax.tree_util.tree_leaves(p.params0), mom0, jnp.zeros((), jnp.result_type(float)),
             fault0)
     xs = (jnp.arange(problem.steps, dtype=jnp.int32), {n: p.hypers[n].stepwise for n in names},

@@ -54,6 +54,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ._validate import type_name
+
 __all__ = [
     "IGNORED_ON_RESUME",
     "ConfigError",
@@ -176,12 +178,6 @@ class _NonFinite(ConfigError):
     """A float override that parses but is nan or infinite."""
 
 
-def _type_name(tp) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
 def parse_value(text: str, tp, *, key: str = "value") -> Any:
     """Parse the command-line string `text` as type `tp` (int, float, bool, str,
     `X | None`, `tuple[X, ...]`, `tuple[X, Y]`, `Literal[...]`)."""
@@ -197,7 +193,7 @@ def parse_value(text: str, tp, *, key: str = "value") -> Any:
                 errors.append(e)
         if len(errors) == 1 and isinstance(errors[0], _NonFinite):
             raise errors[0]
-        raise ConfigError(f"{key}={text!r} is not a valid {_type_name(tp)}")
+        raise ConfigError(f"{key}={text!r} is not a valid {type_name(tp)}")
     if origin is typing.Literal:
         for choice in args:
             if str(choice) == text:
@@ -242,7 +238,7 @@ def parse_value(text: str, tp, *, key: str = "value") -> Any:
         return value
     if tp is str:
         return text
-    raise ConfigError(f"{key} has type {_type_name(tp)}, which the command line cannot parse")
+    raise ConfigError(f"{key} has type {type_name(tp)}, which the command line cannot parse")
 
 
 def apply_overrides(experiment: Experiment, config: Any, overrides: Iterable[str]) -> Any:

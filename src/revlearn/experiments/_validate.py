@@ -27,7 +27,7 @@ import numpy as np
 from revlearn.exact import _grid
 
 __all__ = ["POOL_SIZE", "at_least", "check_clip", "check_decay", "check_fields", "check_pool",
-           "check_range", "fail", "nonnegative", "positive", "show"]
+           "check_range", "fail", "nonnegative", "positive", "show", "type_name"]
 
 #: Images in each `data` source's pool (`revlearn.data.load_mnist`).
 POOL_SIZE = {"embedded": 10_000, "mnist": 70_000}
@@ -124,14 +124,15 @@ def check_fields(config) -> None:
         p = _problem(value, hints.get(f.name, Any))
         if p is not None:
             value_error = "finite" in p or "one of" in p
-            what = "finite values" if "finite" in p else f"a {_type_name(hints[f.name])}"
+            what = "finite values" if "finite" in p else f"a {type_name(hints[f.name])}"
             fail(f.name, value, p, f"pass {what}{_example(config, f.name)}",
                  ValueError if value_error else TypeError)
     if hasattr(config, "seed") and config.seed < 0:
         fail("seed", config.seed, "is negative", "seeds are integers >= 0, e.g. seed=0")
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """A type annotation as the messages write it (`int`, `float | None`, ...)."""
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")

@@ -1,4 +1,5 @@
-"""The experiments of `revlearn run NAME`: one module each, registered on import.
+"""The experiments of `revlearn run NAME`: one public module each, found and
+registered on import (each defines `EXPERIMENT`).
 
 See `_registry.py` for how to add one.
 """
@@ -7,39 +8,20 @@ from .._extras import require
 
 require("revlearn.experiments")
 
-from ._registry import (  # noqa: E402
-    ConfigError,
-    Experiment,
-    UnknownExperimentError,
-    all_experiments,
-    apply_overrides,
-    config_to_dict,
-    get,
-    names,
-    parse_value,
-    register,
-    validate_config,
-)
-from . import quickstart  # noqa: E402,F401  (registers itself)
-from . import canonical_examples  # noqa: E402,F401  (registers itself)
-from . import augmentation  # noqa: E402,F401  (registers itself)
-from . import init_distribution  # noqa: E402,F401
-from . import schedules  # noqa: E402,F401
-from . import chaos  # noqa: E402,F401
-from . import toy  # noqa: E402,F401
-from . import l2_per_weight  # noqa: E402,F401  (registers itself)
-from . import learned_structure  # noqa: E402,F401  (registers itself)
+from . import _registry  # noqa: E402
+from ._registry import *  # noqa: E402,F403  (the public names, as _registry.__all__)
 
-__all__ = [
-    "ConfigError",
-    "Experiment",
-    "UnknownExperimentError",
-    "all_experiments",
-    "apply_overrides",
-    "config_to_dict",
-    "get",
-    "names",
-    "parse_value",
-    "register",
-    "validate_config",
-]
+
+def _discover() -> None:
+    """Register the `EXPERIMENT` of every public module of this package."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            register(importlib.import_module(f"{__name__}.{info.name}").EXPERIMENT)
+
+
+_discover()
+
+__all__ = list(_registry.__all__)  # noqa: F405

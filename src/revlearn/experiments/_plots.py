@@ -1,43 +1,127 @@
-"""The meta-learning-curve figure shared by the experiments.
+"""One figure style for every experiment, and the panels they share.
 
-Two panels against the meta-iteration: loss and error (%) of the model trained
-with that iteration's hyperparameters, on the training, validation
-(the meta-objective) and test splits, as recorded in `metrics.jsonl`. Callers
-draw their baselines on the returned axes, then call `finish`.
+Each experiment's `plot(path)` is decorated with `@styled` (one rc style: light
+grid behind the data, no top/right spines, one font size), makes its figures
+with `figure`, writes them with `save` (one dpi, atomically, into the run
+folder's `figures/`) and reads what `run` saved with `saved`. The
+meta-learning-curve figure (`meta_curves`) is the same everywhere: loss and
+error (%) of the model trained with each meta-iteration's hyperparameters, on
+the training, validation (the meta-objective) and test splits of `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-SPLITS = ("train", "valid", "test")
+from revlearn.meta import RunDir, save_figure
+
+__all__ = ["DPI", "STYLE", "Saved", "figure", "meta_curves", "plain_log", "save", "saved",
+           "styled"]
+
+DPI = 110
+STYLE = {
+    "axes.grid": True, "axes.axisbelow": True, "grid.color": "0.85", "grid.linewidth": 0.6,
+    "axes.spines.top": False, "axes.spines.right": False,
+    "font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 8,
+    "legend.framealpha": 0.9, "lines.linewidth": 1.6,
+}
 SPLIT_NAMES = {"train": "training", "valid": "validation", "test": "test"}
-COLORS = {"train": "C2", "valid": "C0", "test": "C3"}
+SPLIT_COLORS = {"train": "C2", "valid": "C0", "test": "C3"}
 
 
-def meta_curves(metrics: list[dict]):
-    """(figure, loss axes, error axes) with one curve per split found in `metrics`."""
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+def styled(plot):
+    """Run `plot` under `STYLE` (artists read the style when they are made)."""
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
+def figure(ncols: int = 1, nrows: int = 1, *, width: float | None = None,
+           height: float | None = None, **subplots):
+    """(Figure, axes) with a constrained layout; 4.6 x 3.8 inches per panel by default."""
+    fig = Figure(figsize=(width or 4.6 * ncols + 0.4, height or 3.8 * nrows),
+                 layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=True, **subplots)
+
+
+def save(fig: Figure, folder: Path, name: str, paths: list | None = None) -> Path:
+    """Write `fig` to `folder/name.png` at `DPI` (appended to `paths` if given)."""
+    path = save_figure(fig, Path(folder) / f"{name}.png", dpi=DPI)
+    if paths is not None:
+        paths.append(path)
+    return path
+
+
+class Saved(NamedTuple):
+    """What a run saved: the folder, its config (a dict), arrays by name, metrics."""
+
+    run: RunDir
+    config: dict
+    arrays: dict[str, Any]
+    metrics: list[dict]
+
+
+def saved(path, *names: str) -> Saved:
+    """Read the config, the arrays `names` (missing ones left out) and the metrics
+    of the run folder `path`."""
+    rd = RunDir(path)
+    arrays = {n: rd.load_arrays(n) for n in names if rd.has_arrays(n)}
+    return Saved(rd, (rd.read_config() or {}).get("config", {}), arrays, rd.read_metrics())
+
+
+def _minor_label(y, _):
+    if y <= 0:
+        return ""
+    m = y / 10 ** math.floor(math.log10(y))
+    return f"{y:g}" if abs(m - round(m)) < 1e-6 and round(m) in (2, 3, 5) else ""
+
+
+def plain_log(ax, axis: str = "y") -> None:
+    """A log axis labelled 0.3, 0.5, 1, 2 rather than 3x10^-1, ..."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(FuncFormatter(_minor_label))
+
+
+def meta_curves(metrics: list[dict], what: str = "model", baselines: dict | None = None) -> Figure:
+    """The meta-learning curves: loss and error (%) after training against the
+    meta-iteration, one curve per split recorded in `metrics`; `baselines`
+    ({label: {"<split>_loss": v, ...}}) are drawn as horizontal dotted lines."""
+    fig, (ax1, ax2) = figure(2)
     it = np.array([m["iteration"] for m in metrics])
-    for split in SPLITS:
+    for split, name in SPLIT_NAMES.items():
         if metrics and f"{split}_loss" in metrics[0]:
-            label = SPLIT_NAMES[split]
-            ax1.plot(it, [m[f"{split}_loss"] for m in metrics], "o-", ms=3, color=COLORS[split],
-                     label=label + (" (meta-objective)" if split == "valid" else ""))
-            ax2.plot(it, [100 * m[f"{split}_error"] for m in metrics], "o-", ms=3,
-                     color=COLORS[split], label=label)
-    return fig, ax1, ax2
-
-
-def finish(ax1, ax2, what: str) -> None:
-    """Axis labels, grids, legends and titles ("... of the trained `what`")."""
+            c = SPLIT_COLORS[split]
+            ax1.plot(it, [m[f"{split}_loss"] for m in metrics], "o-", ms=3, color=c,
+                     label=name + (" (meta-objective)" if split == "valid" else ""))
+            ax2.plot(it, [100 * m[f"{split}_error"] for m in metrics], "o-", ms=3, color=c,
+                     label=name)
+    for i, (label, values) in enumerate((baselines or {}).items()):
+        for ax, key, scale in ((ax1, "loss", 1), (ax2, "error", 100)):
+            for split in SPLIT_NAMES:
+                if f"{split}_{key}" in values:
+                    ax.axhline(scale * values[f"{split}_{key}"], color=SPLIT_COLORS[split],
+                               ls=(":", "--", "-.")[i % 3], lw=1,
+                               label=f"{SPLIT_NAMES[split]}, {label}")
     ax1.set_ylabel("loss after training (mean NLL, nats)")
     ax2.set_ylabel("error after training (%)")
     for ax in (ax1, ax2):
         ax.set_xlabel("meta-iteration")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metrics:
+            ax.legend()
     ax1.set_title(f"Loss of the trained {what}")
     ax2.set_title(f"Classification error of the trained {what}")
+    fig.suptitle("Meta-learning curves (each point: one full training run)")
+    return fig

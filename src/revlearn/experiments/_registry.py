@@ -3,45 +3,34 @@
 An experiment is a frozen config, a `run` that writes its results into a run
 folder, and a `plot` that re-renders its figures from those files only.
 
-How to add one (say `schedules`):
+How to add one (say `schedules`): one public module,
+`src/revlearn/experiments/schedules.py`, with
 
-1. Create `src/revlearn/experiments/schedules.py` (one module per experiment)
-   with:
+- `Config`: a `@dataclasses.dataclass(frozen=True)` subclass of
+  `_config.ExperimentConfig` (or `MnistConfig`, which adds `data` and
+  `data_dir`) whose every field has a default and a type the command line
+  parses: `int`, `float`, `bool`, `str`, `X | None`, `tuple[int, ...]`
+  (written `1,2,3`) or `typing.Literal[...]`. Its `check` method holds the
+  range checks (`_validate.at_least`, `positive`, `check_decay`, ...), each
+  raising one line `key=value what is wrong; the fix`; the command line calls
+  `validate_config` before it writes anything.
+- `run(config, run_dir) -> dict`: the work, written into `run_dir` (a
+  `revlearn.meta.RunDir`; pass it to `revlearn.meta.meta_optimize` so
+  `--resume` works). Save everything `plot` needs (`run_dir.save_arrays`,
+  `run_dir.write_json`), call `plot`, and return the headline numbers (a flat
+  dict), which the command line writes to summary.json. Draw randomness only
+  from `config.seed` (`revlearn.meta.iteration_key(config.seed, i)`). The
+  splits come from `_splits`, learning curves from `_float.float_train`.
+- `plot(path) -> list[Path]`: decorated with `_plots.styled`; reads the run
+  with `_plots.saved(path, ...)` and writes PNGs with `_plots.figure` and
+  `_plots.save`; returns their paths.
+- at the bottom, `EXPERIMENT = Experiment(name, one-line description, Config,
+  SMOKE, run, plot)`, where `SMOKE` is a `Config` that runs in seconds on a
+  2-core CPU: the test suite runs every experiment's smoke config through the
+  real CLI.
 
-   - `Config`: a `@dataclasses.dataclass(frozen=True)` whose every field has a
-     default and a type annotation the command line can parse: `int`, `float`,
-     `bool`, `str`, `X | None`, `tuple[int, ...]` (written `1,2,3`), or
-     `typing.Literal[...]`. It must have `seed: int`. If it reads MNIST, give it
-     `data: str = "embedded"` and `data_dir: str | None = None` (set by
-     `--data` / `--data-dir`; `data_dir` is not compared on `--resume`).
-     Its `__post_init__` checks every field's range with the helpers of
-     `_validate.py` (`check_fields(self)` first: types, finite floats, seed;
-     then `at_least`, `positive`, `check_clip`, `check_decay` for a momentum
-     or Adam decay on the core's grid, `check_pool`, ...), each raising one
-     line `key=value what is wrong; the fix`. The command line calls
-     `validate_config` before it writes anything.
-   - `run(config, run_dir) -> dict`: do the work, writing into `run_dir` (a
-     `revlearn.meta.RunDir`; honour `run_dir.resume`, e.g. by passing it to
-     `revlearn.meta.meta_optimize`). Save everything `plot` needs (arrays with
-     `run_dir.save_arrays`, JSON with `run_dir.write_json`), call `plot`, and
-     return the headline numbers (a flat dict of numbers / strings); the
-     command line writes them to summary.json. Draw randomness only from
-     `config.seed` (e.g. `revlearn.meta.iteration_key(config.seed, i)`).
-   - `plot(path) -> list[Path]`: read the saved files of the run folder `path`
-     and write PNGs into `path/figures/` (use `matplotlib.figure.Figure`, not
-     pyplot, so no global backend is touched); return their paths.
-   - at the bottom:
-
-         EXPERIMENT = register(Experiment(
-             name="schedules",
-             description="Per-layer learning-rate and momentum schedules (paper fig. 2-3).",
-             Config=Config, smoke=Config(steps=10, ...), run=run, plot=plot))
-
-     `smoke` must finish in seconds on a 2-core CPU: the test suite runs
-     every registered experiment's smoke config through the real CLI.
-2. Import the module in `src/revlearn/experiments/__init__.py`.
-3. Run `revlearn run schedules --smoke --out /tmp/s` and
-   `pytest tests/test_cli.py` (it picks the new experiment up by itself).
+The package finds the module and registers `EXPERIMENT` on import. Check it
+with `revlearn run schedules --smoke --out /tmp/s` and `pytest tests/test_cli.py`.
 """
 
 from __future__ import annotations
@@ -94,7 +83,7 @@ class Experiment:
     Attributes:
       name: the command-line name (lower case, words joined by "-").
       description: one line for `revlearn list`.
-      Config: a frozen dataclass of settings with defaults, including `seed: int`.
+      Config: a frozen `ExperimentConfig` dataclass of settings with defaults.
       smoke: a tiny `Config` that runs in seconds (used by the tests and `--smoke`).
       run: `run(config, run_dir) -> dict` of headline numbers.
       plot: `plot(run_dir_path) -> list[Path]` of re-rendered figures.
@@ -116,9 +105,10 @@ class Experiment:
         if not (dataclasses.is_dataclass(self.Config) and isinstance(self.Config, type)
                 and self.Config.__dataclass_params__.frozen):
             raise TypeError(f"{self.name}: Config must be a @dataclasses.dataclass(frozen=True)")
+        from ._config import ExperimentConfig
+        if not issubclass(self.Config, ExperimentConfig):
+            raise TypeError(f"{self.name}: Config must subclass experiments._config.ExperimentConfig")
         fields = {f.name: f for f in dataclasses.fields(self.Config)}
-        if "seed" not in fields:
-            raise TypeError(f"{self.name}: Config must have a field `seed: int`")
         missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         if missing:
@@ -268,8 +258,8 @@ def apply_overrides(experiment: Experiment, config: Any, overrides: Iterable[str
 def validate_config(experiment: Experiment, config: Any) -> Any:
     """Check `config` before any work and return it: the generic checks driven by the
     field types (each value has its field's type, every float and tuple of floats is
-    finite, seed >= 0), then the Config's own range checks (`__post_init__`, run again
-    in case the config was built around them). Safe on the defaults and smoke configs.
+    finite, seed >= 0), then the Config's own range checks (`check`, run again in
+    case the config was built around `__post_init__`). Safe on the defaults and smoke configs.
 
     Raises:
       ConfigError: one line, `NAME: key=value what is wrong; the fix`.
@@ -281,9 +271,7 @@ def validate_config(experiment: Experiment, config: Any) -> Any:
                           f"{experiment.name}'s Config")
     try:
         check_fields(config)
-        post_init = getattr(config, "__post_init__", None)
-        if post_init is not None:
-            post_init()
+        config.check()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{experiment.name}: {_one_line(e)}") from None
     return config

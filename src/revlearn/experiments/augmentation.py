@@ -66,10 +66,10 @@ from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from . import _expm_action as ea
 from ._registry import Experiment, register
+from ._config import MnistConfig
 from ._validate import (
     at_least,
     check_decay,
-    check_fields,
     check_pool,
     fail,
     nonnegative,
@@ -83,12 +83,9 @@ _SIDE = 28
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings of augmentation (defaults: a few minutes on 2 CPU cores)."""
 
-    seed: int = 0
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     n_train: int = 500
     n_valid: int = 2000
     n_test: int = 3000
@@ -111,8 +108,7 @@ class Config:
     meta_iterations: int = 40
     eval_seeds: int = 4  # trainings averaged in the final comparison
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         at_least(self, 1, "n_train", "n_valid", "n_test", "hidden", "batch_size", "steps",
                  "substeps", "eval_seeds")
         if self.terms < 2:

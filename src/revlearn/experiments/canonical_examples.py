@@ -56,10 +56,10 @@ from revlearn import models
 from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from ._registry import Experiment, register
+from ._config import MnistConfig
 from ._validate import (
     at_least,
     check_decay,
-    check_fields,
     check_pool,
     fail,
     nonnegative,
@@ -73,12 +73,9 @@ _SIDE = 28
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings of canonical-examples (the paper's where the embedded data allows)."""
 
-    seed: int = 0
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     n_train: int = 2000  # pool of real images (baseline draws, full-training baseline)
     n_valid: int = 5000  # validation pool; the main run uses all of it
     n_test: int = 3000
@@ -101,8 +98,7 @@ class Config:
     validation_sizes: tuple[int, ...] = (100, 1000, 5000)  # () skips the study
     study_resolutions: tuple[int, ...] = (7, 14, 28)
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         at_least(self, 1, "n_train", "n_valid", "n_test", "per_class", "hidden", "batch_size",
                  "steps", "real_draws", "full_steps", "full_batch")
         if self.batch_size > 10 * self.per_class:

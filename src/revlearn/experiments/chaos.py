@@ -60,10 +60,10 @@ from revlearn import models
 from revlearn.meta import RunDir, save_figure, split_population
 
 from ._registry import Experiment, register
+from ._config import MnistConfig
 from ._validate import (
     at_least,
     check_decay,
-    check_fields,
     check_pool,
     check_range,
     fail,
@@ -75,14 +75,11 @@ __all__ = ["Config", "run", "plot", "EXPERIMENT", "final_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings of `chaos`. The defaults take a few minutes on 2 CPU cores;
     `full=true` runs the notebook's full sweeps (100 points, up to 400 steps:
     hours on a CPU)."""
 
-    seed: int = 0
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     sizes: tuple[int, ...] = (784, 200, 50, 10)
     n_train: int = 1000
     batch_size: int = 250
@@ -107,8 +104,7 @@ class Config:
     frac_bits: int = 52
     full: bool = False  # the notebook's full sweeps: 100 points, lengths up to 400
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         if len(self.sizes) < 2 or self.sizes[0] != 784 or self.sizes[-1] != 10 \
                 or min(self.sizes) < 1:
             fail("sizes", self.sizes, "must start with 784, end with 10 and hold layer sizes "

@@ -59,11 +59,11 @@ from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from ._float import float_train
 from ._registry import Experiment, register
+from ._config import MnistConfig
 from ._validate import (
     at_least,
     check_clip,
     check_decay,
-    check_fields,
     check_pool,
     check_range,
     fail,
@@ -77,12 +77,9 @@ TAIL = 0.005  # the initial knots span the central 1 - 2 * TAIL of a normal
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings (the original's [784, 50, 10] net, 1,000 examples, 20 steps, batch 250)."""
 
-    seed: int = 0
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     model: Literal["mlp", "logistic"] = "mlp"  # logistic: the one-layer variant [784, 10]
     hidden: int = 50
     n_train: int = 1000
@@ -100,8 +97,7 @@ class Config:
     clip: float | None = None
     n_curve_draws: int = 5  # fresh draws for the before/after learning curves
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         at_least(self, 1, "hidden", "n_train", "n_valid", "batch_size", "steps", "n_bins",
                  "n_curve_draws")
         if self.batch_size > self.n_train:

@@ -47,11 +47,11 @@ from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from . import _plots
 from ._registry import Experiment, register
+from ._config import MnistConfig
 from ._validate import (
     at_least,
     check_clip,
     check_decay,
-    check_fields,
     check_pool,
     fail,
     nonnegative,
@@ -60,20 +60,17 @@ from ._validate import (
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT"]
 
-_SPLITS, _SPLIT_NAMES = _plots.SPLITS, _plots.SPLIT_NAMES
+_SPLITS, _SPLIT_NAMES = tuple(_plots.SPLIT_NAMES), _plots.SPLIT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings of `l2-per-weight`. Defaults follow the original run (batch 200,
     50 steps, alpha 1, gamma 0.9, meta-step 1000, 50 meta-iterations,
     meta-penalty 0.01, initial lambda = exp(log 0.01 + 1)), with 5k / 4k / 1k
     train / validation / test images instead of 10k / 10k / 1k, since the
     embedded data set has 10k images in all."""
 
-    seed: int = 0
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     model: Literal["logistic", "mlp"] = "logistic"
     hidden: int = 100
     n_train: int = 5000
@@ -92,8 +89,7 @@ class Config:
     n_eval: int = 5
     clip: float | None = None
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         at_least(self, 1, "n_train", "n_valid", "n_test", "batch_size", "steps", "hidden",
                  "n_eval")
         if self.batch_size > self.n_train:
@@ -393,15 +389,10 @@ def plot(path) -> list[Path]:
         save_figure(fig, paths[-1], dpi=110)
 
     # 2. meta-learning curves
-    fig, ax1, ax2 = _plots.meta_curves(metrics)
     best = best_grid_index(res["grid_valid_loss"])
-    ax1.axhline(res["grid_test_loss"][best], color="C3", ls=":", lw=1.2,
-                label=f"test, best global $\\lambda$ ({best_l2:g})")
-    ax2.axhline(100 * res["grid_test_error"][best], color="C3", ls=":", lw=1.2,
-                label=f"test, best global $\\lambda$ ({best_l2:g})")
-    _plots.finish(ax1, ax2, "model")
-    fig.suptitle("Meta-learning curves (each point: one training run on that iteration's "
-                 "minibatch order)")
+    fig = _plots.meta_curves(metrics, "model", {
+        f"best global $\\lambda$ ({best_l2:g})": {"test_loss": res["grid_test_loss"][best],
+                                                  "test_error": res["grid_test_error"][best]}})
     paths.append(out / "meta_curves.png")
     save_figure(fig, paths[-1], dpi=110)
 
@@ -414,9 +405,9 @@ def plot(path) -> list[Path]:
     gx = np.where(positive, g, floor)
     for ax, kind, scale, unit in ((ax1, "loss", 1.0, "mean NLL, nats"), (ax2, "error", 100.0, "%")):
         for split in ("valid", "test"):
-            ax.plot(gx, scale * res[f"grid_{split}_{kind}"], "o-", color=_plots.COLORS[split],
+            ax.plot(gx, scale * res[f"grid_{split}_{kind}"], "o-", color=_plots.SPLIT_COLORS[split],
                     label=f"{_SPLIT_NAMES[split]}, global $\\lambda$")
-            ax.axhline(scale * float(res[f"learned_{split}_{kind}"]), color=_plots.COLORS[split],
+            ax.axhline(scale * float(res[f"learned_{split}_{kind}"]), color=_plots.SPLIT_COLORS[split],
                        ls="--", label=f"{_SPLIT_NAMES[split]}, learned per-weight $\\lambda$")
         ax.axvline(gx[best], color="0.6", lw=0.8, label="best global $\\lambda$ (lowest "
                    "validation loss)")

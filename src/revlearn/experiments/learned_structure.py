@@ -58,11 +58,11 @@ from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
 
 from . import _plots
 from ._registry import Experiment, register
+from ._config import MnistConfig
 from ._validate import (
     at_least,
     check_clip,
     check_decay,
-    check_fields,
     check_pool,
     check_range,
     fail,
@@ -74,16 +74,13 @@ __all__ = ["Config", "run", "plot", "EXPERIMENT", "Geometry", "geometry", "struc
 
 SIDE = 28
 N_OFF = 2 * SIDE - 1  # offsets -27 .. 27 along each axis
-_SPLITS, _SPLIT_NAMES = _plots.SPLITS, _plots.SPLIT_NAMES
+_SPLITS, _SPLIT_NAMES = tuple(_plots.SPLIT_NAMES), _plots.SPLIT_NAMES
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings of `learned-structure` (defaults: a few minutes on 2 CPU cores)."""
 
-    seed: int = 0
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     grid: int = 7            # G: units on a G x G grid (28 must be a multiple of G)
     channels: int = 4        # C: units per grid position
     n_train: int = 1000
@@ -103,8 +100,7 @@ class Config:
     n_eval: int = 3
     clip: float | None = None
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         at_least(self, 1, "grid", "channels", "n_train", "n_valid", "n_test", "batch_size",
                  "steps", "n_eval")
         if SIDE % self.grid:
@@ -571,17 +567,11 @@ def plot(path) -> list[Path]:
     save_figure(fig, paths[-1], dpi=110)
 
     # 3. meta-learning curves against the baselines
-    fig, ax1, ax2 = _plots.meta_curves(metrics)
-    for name, ls, label in (("fc_global", ":", "test, fully connected, best global L2"),
-                            ("conv_global", "--", "test, convnet, best kernel and L2")):
-        if f"{name}_test_loss" not in res:
-            continue
-        ax1.axhline(float(res[f"{name}_test_loss"]), color="0.3", ls=ls, lw=1.2, label=label)
-        ax2.axhline(100 * float(res[f"{name}_test_error"]), color="0.3", ls=ls, lw=1.2,
-                    label=label)
-    _plots.finish(ax1, ax2, "net")
-    fig.suptitle("Meta-learning curves (each point: one training run, fresh initialisation "
-                 "and minibatch order)")
+    fig = _plots.meta_curves(metrics, "net", {
+        label: {k: float(res[f"{name}_{k}"]) for k in ("test_loss", "test_error")}
+        for name, label in (("fc_global", "fully connected, best global L2"),
+                            ("conv_global", "convnet, best kernel and L2"))
+        if f"{name}_test_loss" in res})
     paths.append(out / "meta_curves.png")
     save_figure(fig, paths[-1], dpi=110)
     return paths

@@ -27,7 +27,6 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,33 +34,23 @@ import numpy as np
 import optax
 
 import revlearn
-from revlearn import data as rdata
 from revlearn import models, spaces
-from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
+from revlearn.meta import RunDir, iteration_key, meta_optimize
 
+from . import _plots
+from ._config import MnistConfig
 from ._float import float_train
-from ._registry import Experiment, register
-from ._validate import (
-    at_least,
-    check_clip,
-    check_decay,
-    check_fields,
-    check_pool,
-    check_range,
-    fail,
-    positive,
-)
+from ._registry import Experiment
+from ._splits import evaluate, mnist_splits
+from ._validate import at_least, check_clip, check_decay, check_pool, check_range, fail, positive
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings of the quickstart (defaults run in about two minutes on 2 CPU cores)."""
 
-    seed: int = 0
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     n_train: int = 1000
     n_valid: int = 1000
     n_test: int = 1000
@@ -75,8 +64,7 @@ class Config:
     meta_iterations: int = 40
     clip: float | None = None
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         at_least(self, 1, "n_train", "n_valid", "n_test", "batch_size", "steps")
         if self.batch_size > self.n_train:
             fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
@@ -90,23 +78,19 @@ class Config:
         at_least(self, 0, "meta_iterations")
         check_clip(self)
 
+    def basis(self):
+        """The DCT basis [steps, n_freq] of the smooth schedule, or None."""
+        return spaces.fourier_basis(self.steps, self.n_freq, jnp.float64) if self.n_freq else None
+
 
 SMOKE = Config(n_train=200, n_valid=200, n_test=200, batch_size=50, steps=10, meta_iterations=3)
 
 
 # -- the problem -----------------------------------------------------------------
 
-def _splits(config: Config) -> dict[str, tuple[jax.Array, jax.Array]]:
-    pool = rdata.load_mnist(config.data, config.data_dir)
-    parts = rdata.split(pool, {"train": config.n_train, "valid": config.n_valid,
-                               "test": config.n_test}, config.seed)
-    return {k: (jnp.asarray(d.images, jnp.float64), jnp.asarray(d.onehot, jnp.float64))
-            for k, d in parts.items()}
-
-
 def _initial_hypers(config: Config) -> dict:
     log_lr = jnp.full((config.steps,), math.log(config.init_lr))
-    basis = _Static.of(config).basis()
+    basis = config.basis()
     if basis is not None:
         log_lr = spaces.fit_coeffs(log_lr, basis)
     return {"log_lr": log_lr, "log_l2": jnp.asarray(math.log(config.init_l2))}
@@ -122,23 +106,6 @@ def _params0():
     return [{"w": jnp.zeros((784, 10), jnp.float64), "b": jnp.zeros((10,), jnp.float64)}]
 
 
-class _Static(NamedTuple):
-    """The settings that fix the compiled programs (hashable: a jit static argument).
-    The data and the seed are arguments, so runs over several seeds compile once."""
-
-    steps: int
-    batch_size: int
-    momentum: float
-    n_freq: int
-
-    @classmethod
-    def of(cls, config: Config) -> _Static:
-        return cls(config.steps, config.batch_size, config.momentum, config.n_freq)
-
-    def basis(self):
-        return spaces.fourier_basis(self.steps, self.n_freq, jnp.float64) if self.n_freq else None
-
-
 def _train_loss(params, h, step, *, batch_size):
     xb, yb = models.minibatch(h["x"], h["y"], batch_size, step, h["key"])
     return (models.nll(models.logistic_apply(params, xb), yb)
@@ -146,17 +113,11 @@ def _train_loss(params, h, step, *, batch_size):
 
 
 def _evaluate(params, data) -> dict:
-    out = {}
-    for name in ("train", "valid", "test"):
-        x, y = data[name]
-        logp = models.logistic_apply(params, x)
-        out[f"{name}_loss"] = models.nll(logp, y)
-        out[f"{name}_error"] = models.error_rate(logp, y)
-    return out
+    return evaluate(models.logistic_apply, params, data)
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _hypergrad(theta, key, data, static: _Static):
+def _hypergrad(theta, key, data, static: Config):
     """(validation loss, d loss / d theta, metrics of the trained weights)."""
 
     def meta_objective(theta):
@@ -175,7 +136,7 @@ def _hypergrad(theta, key, data, static: _Static):
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _curves(theta, key, data, static: _Static):
+def _curves(theta, key, data, static: Config):
     """Retrain, recording the full training and validation loss at every step:
     ([steps + 1] train loss, [steps + 1] validation loss, final metrics)."""
     h = _constrained(theta, static.basis())
@@ -196,8 +157,8 @@ def _curves(theta, key, data, static: _Static):
 
 def run(config: Config, run_dir: RunDir) -> dict:
     t0 = time.perf_counter()
-    data = _splits(config)
-    static = _Static.of(config)
+    data = mnist_splits(config, "train", "valid", "test")
+    static = config.program()
     theta0 = _initial_hypers(config)
 
     def hypergrad_fn(theta, iteration):
@@ -233,100 +194,47 @@ def run(config: Config, run_dir: RunDir) -> dict:
     return summary
 
 
-def _load(path: Path):
-    rd = RunDir(path)
-    res = rd.load_arrays("results")
-    return rd, res, rd.read_metrics()
-
-
+@_plots.styled
 def plot(path) -> list[Path]:
     """Re-render the three figures from results.npz and metrics.jsonl."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
-    def minor_label(y, _):
-        if y <= 0:
-            return ""
-        m = y / 10 ** math.floor(math.log10(y))
-        return f"{y:g}" if abs(m - round(m)) < 1e-6 and round(m) in (2, 3, 5) else ""
-
-    def plain_log(ax):  # log axis labelled 0.3, 0.5, 1, 2 instead of 3x10^-1, ...
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(minor_label))
-
-    rd, res, metrics = _load(Path(path))
-    cfg = (rd.read_config() or {}).get("config", {})
-    out = rd.figures
-    paths = []
+    run = _plots.saved(path, "results")
+    res, out, paths = run.arrays["results"], run.run.figures, []
     steps = np.arange(len(res["lr_initial"]))
 
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = _plots.figure(width=7, height=4.2)
     ax.plot(steps, res["lr_initial"], "--", color="0.5", label="initial (constant)")
     ax.plot(steps, res["lr_learned"], color="C0", lw=2, label="learned")
     lr_all = np.concatenate([res["lr_initial"], res["lr_learned"]])
     log_axis = lr_all.max() / lr_all.min() > 3
     if log_axis:
-        ax.set_yscale("log")
-        plain_log(ax)
+        _plots.plain_log(ax)
     ax.set_xlabel("SGD step t")
     ax.set_ylabel(r"learning rate $\alpha_t$" + (" (log scale)" if log_axis else ""))
     ax.set_title("Learned learning-rate schedule (logistic regression, MNIST)")
     l2_text = (f"L2 strength $\\lambda$: {float(res['l2_initial']):.2e} (initial) "
                f"$\\to$ {float(res['l2_learned']):.2e} (learned)")
     # in the legend's title, where no curve runs (a free-floating box hid the schedule's dip)
-    ax.legend(loc="upper right", title=l2_text, title_fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    paths.append(out / "schedule.png")
-    save_figure(fig, paths[-1], dpi=120)
+    ax.legend(loc="best", title=l2_text, title_fontsize=9)
+    _plots.save(fig, out, "schedule", paths)
 
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    fig, axes = _plots.figure(2, width=10, height=4.2)
     t = np.arange(len(res["train_loss_before"]))
-    for ax, key, name in ((ax1, "train_loss", "training"), (ax2, "valid_loss", "validation")):
+    for ax, key, name in zip(axes, ("train_loss", "valid_loss"), ("training", "validation")):
         ax.plot(t, res[f"{key}_before"], "--", color="0.5", label="initial hyperparameters")
         ax.plot(t, res[f"{key}_after"], color="C0", lw=2, label="learned hyperparameters")
         ax.set_xlabel("SGD step t")
         ax.set_ylabel(f"{name} loss (mean NLL, nats)")
         ax.set_title(f"{name.capitalize()} loss during training")
-        ax.set_yscale("log")
-        plain_log(ax)
-        ax.grid(alpha=0.3, which="both")
+        _plots.plain_log(ax)
         ax.legend()
-    n_train = cfg.get("n_train")
+    n_train = run.config.get("n_train")
     fig.suptitle("Retraining on a minibatch order unseen during meta-training"
                  + (f" ({n_train} training examples)" if n_train else ""))
-    paths.append(out / "learning_curves.png")
-    save_figure(fig, paths[-1], dpi=120)
-
-    fig = Figure(figsize=(10, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    it = np.array([m["iteration"] for m in metrics])
-    for split, color in (("train", "C2"), ("valid", "C0"), ("test", "C3")):
-        label = {"train": "training", "valid": "validation", "test": "test"}[split]
-        if metrics and f"{split}_loss" in metrics[0]:
-            ax1.plot(it, [m[f"{split}_loss"] for m in metrics], "o-", ms=3, color=color,
-                     label=label + (" (meta-objective)" if split == "valid" else ""))
-            ax2.plot(it, [100 * m[f"{split}_error"] for m in metrics], "o-", ms=3,
-                     color=color, label=label)
-    ax1.set_ylabel("loss after training (mean NLL, nats)")
-    ax2.set_ylabel("error after training (%)")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("meta-iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if metrics:
-            ax.legend()
-    ax1.set_title("Loss of the trained model")
-    ax2.set_title("Classification error of the trained model")
-    fig.suptitle("Meta-learning curves (each point: one full training run)")
-    paths.append(out / "meta_curves.png")
-    save_figure(fig, paths[-1], dpi=120)
+    _plots.save(fig, out, "learning_curves", paths)
+    _plots.save(_plots.meta_curves(run.metrics), out, "meta_curves", paths)
     return paths
 
 
-EXPERIMENT = register(Experiment(
-    name="quickstart",
-    description="Learn a per-step learning-rate schedule and an L2 strength for logistic "
-                "regression on MNIST (about 2 minutes).",
-    Config=Config, smoke=SMOKE, run=run, plot=plot))
+EXPERIMENT = Experiment(
+    "quickstart", "Learn a per-step learning-rate schedule and an L2 strength for logistic "
+    "regression on MNIST (about 2 minutes).", Config, SMOKE, run, plot)

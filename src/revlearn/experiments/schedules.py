@@ -62,11 +62,11 @@ from revlearn.meta import RunDir, save_figure, average_over, iteration_key, meta
 
 from ._float import float_train
 from ._registry import Experiment, register
+from ._config import MnistConfig
 from ._validate import (
     at_least,
     check_clip,
     check_decay,
-    check_fields,
     check_pool,
     check_range,
     fail,
@@ -93,16 +93,13 @@ _INIT_LOG_LR = {"momentum": -1.0, "adam": math.log(1e-3)}
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(MnistConfig):
     """Settings of the paper's run (10,000 examples, batch 200, Adam 0.04, log alpha -1,
     gamma 0.5, log scale -3). Fields left at None take the mode's value (module docstring);
     `init_log_lr` left at None takes the optimizer's. `init_momentum`, `min_momentum` apply
     to optimizer="momentum"; `init_b1`, `min_b1`, `b2`, `eps` to optimizer="adam"."""
 
-    seed: int = 0
     optimizer: Literal["momentum", "adam"] = "momentum"
-    data: Literal["embedded", "mnist"] = "embedded"
-    data_dir: str | None = None
     mode: Literal["learn", "averaged", "long"] = "learn"
     sizes: tuple[int, ...] | None = None
     steps: int | None = None
@@ -124,8 +121,7 @@ class Config:
     clip: float | None = None
     curve_examples: int = 2000  # training examples on which learning curves are evaluated
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         r = self.resolved()
         if len(r.sizes) < 2 or r.sizes[0] != 784 or r.sizes[-1] != 10 or min(r.sizes) < 1:
             fail("sizes", r.sizes, "must start with 784, end with 10 and hold layer sizes >= 1",

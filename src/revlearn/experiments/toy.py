@@ -55,17 +55,17 @@ from revlearn.meta import RunDir, save_figure, meta_optimize
 
 from ._float import float_train
 from ._registry import Experiment, register
-from ._validate import at_least, check_decay, check_fields, fail, positive
+from ._config import ExperimentConfig
+from ._validate import at_least, check_decay, fail, positive
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT", "loss", "loss_grad", "float_forward",
            "naive_reverse", "hypergrad"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """Settings of `toy` (the defaults run in seconds)."""
 
-    seed: int = 0  # unused: the toy problem has no randomness
     steps: int = 50
     w0: tuple[float, float] = (-0.27, -1.2)  # just below the local maximum
     init_lr: float = 0.3
@@ -75,8 +75,7 @@ class Config:
     meta_iterations: int = 30
     snapshots: tuple[int, ...] = (0, 1, 3, 10, 30)
 
-    def __post_init__(self):
-        check_fields(self)
+    def check(self):
         at_least(self, 1, "steps")
         positive(self, "init_lr", why=" (it is learned in log space)")
         check_decay("init_momentum", self.init_momentum, example=0.5)

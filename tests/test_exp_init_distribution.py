@@ -14,6 +14,7 @@ import pytest
 
 import revlearn
 from revlearn.experiments import init_distribution as idist
+from revlearn.experiments._splits import mnist_splits
 
 
 def _random_hypers(key, n_bins=7):
@@ -68,8 +69,8 @@ def test_initial_hypers_approximate_a_normal():
 def tiny():
     config = idist.Config(hidden=6, n_train=60, n_valid=40, batch_size=20, steps=4, n_bins=5,
                           lr=0.5)
-    data = idist._splits(config)
-    static = idist._Static.of(config)
+    data = mnist_splits(config, "train", "valid")
+    static = config.program()
     theta = idist.initial_hypers(config.sizes, config.n_bins)
     # move away from the symmetric start so every leaf has a generic gradient
     leaves, tdef = jax.tree_util.tree_flatten(theta)

@@ -77,15 +77,15 @@ def test_a_convolution_pays_no_tying_penalty_and_global_l2_is_plain_l2():
     assert float(exp.structure_penalty(w, zeros, ones, geom)) == pytest.approx(0.0, abs=1e-20)
     w_untied = w + 1e-3 * jnp.asarray(rng.normal(size=w.shape))
     assert float(exp.structure_penalty(w_untied, zeros, ones, geom)) > 0
-    h = exp.strengths(exp.global_l2_hypers(0.3, 1.0), 1.0)
+    h = exp.strengths(exp.flat_hypers(0.3, 0.0, 1.0), 1.0)
     assert float(exp.structure_penalty(w, h["l2_offset"], h["tie_offset"], geom)) == (
         pytest.approx(0.3 * float(jnp.sum(w ** 2)), rel=1e-12))
     assert float(h["l2_out"]) == pytest.approx(0.3)
 
 
 def test_reversible_hypergradient_matches_finite_differences():
-    static = exp._Static(steps=3, batch_size=10, lr=0.5, momentum=0.9, grid=7, channels=1,
-                         max_strength=1.0, conv_kernel=5)
+    static = exp.Config(steps=3, batch_size=10, lr=0.5, momentum=0.9, grid=7, channels=1,
+                        max_strength=1.0).program()
     keys = jax.random.split(jax.random.PRNGKey(0), 6)
     data = {}
     for i, (name, n) in enumerate((("train", 30), ("valid", 20), ("test", 10))):
@@ -121,7 +121,8 @@ def test_reversible_hypergradient_matches_finite_differences():
 
 def test_strengths_are_log_space_with_a_soft_ceiling():
     cfg = exp.Config(init_l2=0.02, init_tie=0.3, max_strength=2.0)
-    h = exp.strengths(exp.initial_hypers(cfg), cfg.max_strength)
+    h = exp.strengths(exp.flat_hypers(cfg.init_l2, cfg.init_tie, cfg.max_strength),
+                    cfg.max_strength)
     assert float(h["l2_offset"][0, 0]) == pytest.approx(0.02, rel=1e-12)
     assert float(h["tie_offset"][5, 7]) == pytest.approx(0.3, rel=1e-12)
     assert float(h["l2_out"]) == pytest.approx(0.02, rel=1e-12)
@@ -129,7 +130,7 @@ def test_strengths_are_log_space_with_a_soft_ceiling():
     s = exp.strengths({"log_x": u}, 2.0)["x"]
     np.testing.assert_allclose(s, np.exp(u) / (1 + np.exp(u) / 2.0), rtol=1e-12)
     assert float(s[-1]) <= 2.0 and float(s[0]) == pytest.approx(np.exp(-20.0), rel=1e-8)
-    assert float(exp.strengths(exp.global_l2_hypers(0.0, 1.0), 1.0)["l2_out"]) == 0.0
+    assert float(exp.strengths(exp.flat_hypers(0.0, 0.0, 1.0), 1.0)["l2_out"]) == 0.0
 
 
 def test_config_rejects_a_grid_that_does_not_tile_the_image():
@@ -154,7 +155,7 @@ def test_active_counts_only_count_pairs_that_touch_a_non_blank_pixel():
 
 def test_convnet_baseline_has_one_unit_per_grid_position_and_channel():
     config = exp.Config(grid=7, channels=2, n_train=20, batch_size=10, steps=2)
-    static = exp._Static.of(config, conv_kernel=5)
+    static = config.program()
     params = revlearn.models.convnet_init(jax.random.PRNGKey(0), channels=(2,), kernel=5,
                                           stride=static.geom.stride, dtype=jnp.float64)
     assert params[1]["w"].shape == (static.geom.hidden, 10)  # 7 x 7 positions x 2 channels
@@ -162,6 +163,6 @@ def test_convnet_baseline_has_one_unit_per_grid_position_and_channel():
     y = jax.nn.one_hot(jnp.arange(20) % 10, 10, dtype=jnp.float64)
     data = {"train": (x, y), "valid": (x, y), "test": (x, y)}
     keys = jnp.stack([jax.random.PRNGKey(2), jax.random.PRNGKey(3)])
-    metrics, w = exp._retrain_conv(jnp.asarray(0.0), keys, data, static)
+    metrics, w = exp._retrain(jnp.asarray(0.0), keys, data, static, 5)
     assert w[0]["w"].shape == (5, 5, 1, 2)
     assert np.isfinite(float(metrics["valid_loss"])) and float(metrics["train_error"]) <= 1

@@ -94,6 +94,34 @@ def plain_log(ax, axis: str = "y") -> None:
     target.set_minor_formatter(FuncFormatter(_minor_label))
 
 
+def image_grid(axes, images, titles=None, **imshow):
+    """Draw `images` ([n, H, W]) into the axes `axes` (any shape, filled row by row)
+    framed on all four sides and without ticks, image k titled by `titles[k]` if there
+    is one (a first row's titles title only it); `imshow` (cmap, vmin, vmax, ...) is
+    shared. Returns the last image drawn, for a colour bar."""
+    im = None
+    for k, (ax, img) in enumerate(zip(np.ravel(axes), images)):
+        im = ax.imshow(img, **imshow)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(True)
+        ax.spines[:].set_color("0.6")
+        if titles is not None and k < len(titles) and titles[k]:
+            ax.set_title(titles[k], fontsize=9)
+    return im
+
+
+def underlay(fig: Figure, label: str) -> None:
+    """Redraw the curves of `fig` whose label starts with `label` wide, pale and beneath
+    the others, so that a curve another one covers (validation under test, say) shows."""
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label().startswith(label):
+                line.set(lw=4, alpha=0.5, zorder=1)
+        if ax.get_legend() is not None:
+            ax.legend()
+
+
 def meta_curves(metrics: list[dict], what: str = "model", baselines: dict | None = None) -> Figure:
     """The meta-learning curves: loss and error (%) after training against the
     meta-iteration, one curve per split recorded in `metrics`; `baselines`

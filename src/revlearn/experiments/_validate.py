@@ -26,8 +26,8 @@ import numpy as np
 
 from revlearn.exact import _grid
 
-__all__ = ["POOL_SIZE", "at_least", "check_clip", "check_decay", "check_fields", "check_pool",
-           "check_range", "fail", "nonnegative", "positive", "show", "type_name"]
+__all__ = ["POOL_SIZE", "at_least", "at_most", "check_clip", "check_decay", "check_fields",
+           "check_pool", "check_range", "fail", "nonnegative", "positive", "show", "type_name"]
 
 #: Images in each `data` source's pool (`revlearn.data.load_mnist`).
 POOL_SIZE = {"embedded": 10_000, "mnist": 70_000}
@@ -209,3 +209,10 @@ def check_pool(config, *names: str) -> None:
                 ", or pass --data mnist (all 70,000 MNIST images)")
         raise ValueError(f"{parts} need {total} images but data={config.data} has {have}; "
                          f"ask for fewer{more}")
+
+
+def at_most(config, name: str, bound: str) -> None:
+    """`config.<name>` does not exceed `config.<bound>` (e.g. batch_size and n_train)."""
+    value, limit = getattr(config, name), getattr(config, bound)
+    if value > limit:
+        fail(name, value, f"exceeds {bound}={show(limit)}", f"pass {name} <= {bound}")

@@ -90,62 +90,63 @@ def tiny():
     parts = rdata.split(pool, {"train": 40, "valid": 50}, 0)
     data = {k: (jnp.asarray(d.images, jnp.float64), jnp.asarray(d.onehot, jnp.float64))
             for k, d in parts.items()}
-    static = aug._Static("logistic", 8, 10, 4, 0.9, "antisymmetric", "smooth", 2, 4,
-                         aug_dtype="float64")
-    fl = aug._Floats.of(aug.Config(lr=0.5, penalty_strength=1e-3))
-    return data, static, fl
+    static = aug.Config(hidden=8, batch_size=10, steps=4, substeps=2, terms=4, lr=0.5,
+                        penalty_strength=1e-3, image_dtype="float64").program()
+    return data, static
 
 
-def _loss_grad(theta, data, static, fl, t_sign=1.0):
-    loss, grads, _ = aug._hypergrad(theta, jax.random.PRNGKey(0), data, static, fl, t_sign)
+def _loss_grad(theta, data, static, t_sign=1.0, method="reversible"):
+    loss, grads, _ = aug._hypergrad(theta, jax.random.PRNGKey(0), data, static, t_sign, method)
     return loss, grads["edges"]
 
 
-def _grad(theta, data, static, fl, t_sign=1.0):
-    return _loss_grad(theta, data, static, fl, t_sign)[1]
+def _grad(theta, data, static, t_sign=1.0, method="reversible"):
+    return _loss_grad(theta, data, static, t_sign, method)[1]
 
 
 def test_symmetry_trap_at_zero(tiny):
     """At A = 0 one draw's hypergradient is exactly odd in t, so it averages to
     zero; away from 0 it is not (the second-order effects the run relies on)."""
-    data, static, fl = tiny
+    data, static = tiny
     zero = {"edges": jnp.zeros((4, 28, 28))}
-    g_plus, g_minus = _grad(zero, data, static, fl), _grad(zero, data, static, fl, -1.0)
+    g_plus, g_minus = _grad(zero, data, static), _grad(zero, data, static, -1.0)
     assert float(jnp.linalg.norm(g_plus)) > 1e-6
     np.testing.assert_allclose(g_minus, -g_plus, rtol=1e-6, atol=1e-12)
     rand = {"edges": _random((4, 28, 28), 8, 0.3)}
-    g_plus, g_minus = _grad(rand, data, static, fl), _grad(rand, data, static, fl, -1.0)
+    g_plus, g_minus = _grad(rand, data, static), _grad(rand, data, static, -1.0)
     assert float(jnp.linalg.norm(g_plus + g_minus)) > 0.05 * float(jnp.linalg.norm(g_plus))
 
 
 def test_meta_hypergradient_reversible_unrolled_fd(tiny):
-    data, static, fl = tiny
+    data, static = tiny
     theta = {"edges": _random((4, 28, 28), 9, 0.1)}
-    g_rev = _grad(theta, data, static, fl)
-    g_unr = _grad(theta, data, static._replace(method="unrolled"), fl)
+    g_rev = _grad(theta, data, static)
+    g_unr = _grad(theta, data, static, method="unrolled")
     np.testing.assert_allclose(g_rev, g_unr, rtol=1e-7, atol=1e-12)
     d = _random((4, 28, 28), 10)
     d = d / jnp.linalg.norm(d)
     eps = 1e-4
-    f = lambda e: _loss_grad({"edges": e}, data, static, fl)[0]  # noqa: E731  (same program)
+    f = lambda e: _loss_grad({"edges": e}, data, static)[0]  # noqa: E731  (same program)
     fd = (f(theta["edges"] + eps * d) - f(theta["edges"] - eps * d)) / (2 * eps)
     np.testing.assert_allclose(float(jnp.sum(g_rev * d)), float(fd), rtol=1e-5)
 
 
-def test_zero_t_scale_is_no_augmentation(tiny):
-    """The "no augmentation" baseline runs the same program with s = 0."""
-    data, static, fl = tiny
-    stream = jax.jit(aug._augmented_stream, static_argnames="static")
+def test_no_augmentation_is_t_zero(tiny):
+    """The "no augmentation" baseline (augment=False) trains on the plain batches,
+    which are exactly the augmented ones at t = 0 (expm(0) x = x)."""
+    data, static = tiny
+    stream = jax.jit(aug._augmented_stream, static_argnames=("static", "augment"))
     key = jax.random.PRNGKey(5)
     edges = aug.generator_edges(_random((4, 28, 28), 11), "antisymmetric", 0.5)
-    xa, ya = stream(edges, key, data["train"], static, fl._replace(t_scale=jnp.zeros(())))
+    xa, ya = stream(edges, key, data["train"], static, augment=False)
     idx = jax.vmap(lambda k: aug.models.batch_indices(40, 10, k, jax.random.fold_in(key, 0)))(
         jnp.arange(4))
     np.testing.assert_array_equal(xa, data["train"][0][idx])
     np.testing.assert_array_equal(ya, data["train"][1][idx])
-    on, _ = stream(edges, key, data["train"], static, fl)
+    np.testing.assert_array_equal(stream(edges, key, data["train"], static, 0.0)[0], xa)
+    on, _ = stream(edges, key, data["train"], static)
     assert float(jnp.max(jnp.abs(on - xa))) > 0.01
-    again, _ = stream(edges, key, data["train"], static, fl)
+    again, _ = stream(edges, key, data["train"], static)
     np.testing.assert_array_equal(on, again)  # a pure function of (key, step)
 
 

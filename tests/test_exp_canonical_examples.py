@@ -22,21 +22,22 @@ def problem():
     return {"labels": ce._labels(1), "valid": arr["valid"], "test": arr["test"]}
 
 
-def _loss_grad(theta, static, data, proj=None, weights=None, lr=1.0, l2=0.0):
+def _loss_grad(theta, static, data, proj=None, weights=None, lr=1.0, l2=0.0,
+               method="reversible"):
     """(validation loss, hypergradient) through the experiment's own jitted program."""
     proj = ce.block_projection(28) if proj is None else proj
     weights = jnp.ones((data["valid"][0].shape[0],)) if weights is None else weights
     loss, grads, _ = ce._hypergrad(theta, jax.random.PRNGKey(3), data, proj, weights,
-                                   jnp.asarray(lr), jnp.asarray(l2), static)
+                                   jnp.asarray(lr), jnp.asarray(l2), static, method)
     return loss, grads
 
 
 def test_pixel_hypergradient_reversible_unrolled_fd(problem):
     """Near zero images, the hypergradient is non-zero and agrees three ways."""
-    static = ce._Static("logistic", 50, 10, 4, 0.9, False)
+    static = ce.Config(steps=4).program()
     theta = {"pixels": 0.01 * jax.random.normal(jax.random.PRNGKey(0), (10, 784))}
     g_rev = _loss_grad(theta, static, problem)[1]["pixels"]
-    g_unr = _loss_grad(theta, static._replace(method="unrolled"), problem)[1]["pixels"]
+    g_unr = _loss_grad(theta, static, problem, method="unrolled")[1]["pixels"]
     assert float(jnp.linalg.norm(g_rev)) > 1e-3  # zero images are not a stationary point
     np.testing.assert_allclose(g_rev, g_unr, rtol=1e-7, atol=1e-12)
     d = jax.random.normal(jax.random.PRNGKey(1), (10, 784))
@@ -48,11 +49,11 @@ def test_pixel_hypergradient_reversible_unrolled_fd(problem):
 
 
 def test_mlp_and_learned_lr_l2_match_unrolled(problem):
-    static = ce._Static("mlp", 8, 5, 4, 0.9, True)
+    static = ce.Config(learner="mlp", hidden=8, batch_size=5, steps=4, learn_lr_l2=True).program()
     theta = {"pixels": 0.1 * jax.random.normal(jax.random.PRNGKey(2), (10, 784)),
              "log_lr": jnp.asarray(np.log(0.5)), "log_l2": jnp.asarray(np.log(1e-3))}
     g_rev = _loss_grad(theta, static, problem)[1]
-    g_unr = _loss_grad(theta, static._replace(method="unrolled"), problem)[1]
+    g_unr = _loss_grad(theta, static, problem, method="unrolled")[1]
     for k in theta:
         np.testing.assert_allclose(g_rev[k], g_unr[k], rtol=1e-7, atol=1e-12, err_msg=k)
     assert abs(float(g_rev["log_lr"])) > 0 and abs(float(g_rev["log_l2"])) > 0
@@ -76,7 +77,7 @@ def test_block_projection_is_a_symmetric_block_average(r):
 def test_low_resolution_hypergradient_stays_block_constant(problem):
     """x = P z P^T, so the gradient w.r.t. z is P g P^T: gradient descent from
     block-constant images keeps them block-constant (10 r^2 hyperparameters)."""
-    static = ce._Static("logistic", 50, 10, 4, 0.9, False)
+    static = ce.Config(steps=4).program()
     proj = ce.block_projection(7)
     g = _loss_grad({"pixels": jnp.zeros((10, 784))}, static, problem, proj)[1]["pixels"]
     np.testing.assert_allclose(ce._images(g, proj), g, atol=1e-14)
@@ -84,7 +85,7 @@ def test_low_resolution_hypergradient_stays_block_constant(problem):
 
 def test_validation_weights_select_a_subset(problem):
     """With 0/1 weights, the examples outside the subset do not matter."""
-    static = ce._Static("logistic", 50, 10, 4, 0.9, False)
+    static = ce.Config(steps=4).program()
     theta = {"pixels": 0.1 * jax.random.normal(jax.random.PRNGKey(4), (10, 784))}
     n = 17
     weights = (jnp.arange(60) < n).astype(jnp.float64)

@@ -26,7 +26,8 @@ def _tiny_data(key, n=(40, 30, 20)):
 @pytest.mark.parametrize("model", ["logistic", pytest.param("mlp", marks=pytest.mark.slow)])
 def test_reversible_hypergradient_matches_unrolled_or_finite_differences(model):
     config = exp.Config(model=model, hidden=6, seed=3)
-    static = exp._Static(steps=4, batch_size=10, lr=0.5, momentum=0.9, meta_penalty=3.0)
+    static = exp.Config(model=model, hidden=6, steps=4, batch_size=10, lr=0.5,
+                        meta_penalty=3.0).program()
     data = _tiny_data(jax.random.PRNGKey(0))
     params0 = exp._params0(config)
     # a different log-L2 for every weight, around lambda ~ 0.05

@@ -1,4 +1,4 @@
-"""Per-weight L2: one learned L2 strength for every weight (paper section 3.4).
+"""Per-weight L2: one learned L2 strength for every weight (paper Figure 6).
 
 Model: logistic regression on MNIST (`model="logistic"`, w = [{"w": [784, 10],
 "b": [10]}], w_0 = 0), or a 784-100-10 tanh MLP (`model="mlp"`, w_0 drawn once
@@ -11,19 +11,17 @@ drawn from key_i = fold_in(PRNGKey(seed), i) at meta-iteration i):
 
 Hyperparameters: theta = log lambda, one per weight and bias (7,850 for
 logistic regression, 79,510 for the MLP), all starting at `init_l2`.
-Meta-objective, as in the original code (a small Gaussian prior on lambda):
+Meta-objective (a small Gaussian prior on lambda):
 
     f(theta) = NLL(w_T; valid) + meta_penalty * sum_j lambda_j^2
 
-Its gradient comes from `revlearn.sgd(..., method=Reversible(...))`; an optax
-optimiser (plain gradient descent with the original meta-step 1000 by default)
-updates theta for `meta_iterations` iterations.
+Its gradient comes from `revlearn.sgd(..., method=Reversible(...))`; plain
+gradient descent (or Adam) updates theta for `meta_iterations` iterations.
 
-Baseline: the same training run (same T, batch, alpha, gamma) with one global
-L2 strength from `grid`; the grid value with the lowest validation loss (the
-meta-objective) is "the best global L2". The learned penalties and every grid
-value are evaluated alike: retrained on `n_eval` minibatch orders that
-meta-training never used (key_N, key_{N+1}, ...), metrics averaged over them.
+Baseline: the same training with one global L2 strength from `grid`; the grid
+value with the lowest validation loss is "the best global L2". The learned
+penalties and every grid value are retrained on `n_eval` minibatch orders
+never used in meta-training (key_N, key_{N+1}, ...), metrics averaged.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -41,38 +39,25 @@ import numpy as np
 import optax
 
 import revlearn
-from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, save_figure, iteration_key, meta_optimize
+from revlearn.meta import RunDir, iteration_key, meta_optimize
 
 from . import _plots
-from ._registry import Experiment, register
 from ._config import MnistConfig
-from ._validate import (
-    at_least,
-    check_clip,
-    check_decay,
-    check_pool,
-    fail,
-    nonnegative,
-    positive,
-)
+from ._registry import Experiment
+from ._splits import evaluate, mnist_splits
+from ._validate import (at_least, at_most, check_clip, check_decay, check_pool, fail,
+                        nonnegative, positive)
 
-__all__ = ["Config", "run", "plot", "EXPERIMENT"]
-
-_SPLITS, _SPLIT_NAMES = tuple(_plots.SPLIT_NAMES), _plots.SPLIT_NAMES
+__all__ = ["Config", "run", "plot", "EXPERIMENT", "meta_objective", "penalty_images",
+           "best_grid_index"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(MnistConfig):
-    """Settings of `l2-per-weight`. Defaults follow the original run (batch 200,
-    50 steps, alpha 1, gamma 0.9, meta-step 1000, 50 meta-iterations,
-    meta-penalty 0.01, initial lambda = exp(log 0.01 + 1)), with 5k / 4k / 1k
-    train / validation / test images instead of 10k / 10k / 1k, since the
-    embedded data set has 10k images in all."""
+    """Settings of `l2-per-weight`: the original run's, on 5k / 4k / 1k train /
+    validation / test images instead of 10k / 10k / 1k (the embedded data has 10k)."""
 
-    model: Literal["logistic", "mlp"] = "logistic"
-    hidden: int = 100
     n_train: int = 5000
     n_valid: int = 4000
     n_test: int = 1000
@@ -81,6 +66,8 @@ class Config(MnistConfig):
     lr: float = 1.0
     momentum: float = 0.9
     init_l2: float = 0.01 * math.e
+    model: Literal["logistic", "mlp"] = "logistic"
+    hidden: int = 100  # hidden units of the MLP
     meta_optimizer: Literal["sgd", "adam"] = "sgd"
     meta_lr: float = 1000.0
     meta_iterations: int = 50
@@ -92,9 +79,7 @@ class Config(MnistConfig):
     def check(self):
         at_least(self, 1, "n_train", "n_valid", "n_test", "batch_size", "steps", "hidden",
                  "n_eval")
-        if self.batch_size > self.n_train:
-            fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
-                 "pass batch_size <= n_train")
+        at_most(self, "batch_size", "n_train")
         check_pool(self, "n_train", "n_valid", "n_test")
         check_decay("momentum", self.momentum)
         positive(self, "lr", "meta_lr")
@@ -113,32 +98,8 @@ SMOKE = Config(n_train=400, n_valid=300, n_test=300, batch_size=100, steps=8, me
 
 # -- the problem -----------------------------------------------------------------
 
-class _Static(NamedTuple):
-    """The settings that fix the compiled programs (hashable: a jit static argument)."""
-
-    steps: int
-    batch_size: int
-    lr: float
-    momentum: float
-    meta_penalty: float
-
-    @classmethod
-    def of(cls, config: Config) -> _Static:
-        return cls(config.steps, config.batch_size, config.lr, config.momentum,
-                   config.meta_penalty)
-
-
-def _splits(config: Config) -> dict[str, tuple[jax.Array, jax.Array]]:
-    pool = rdata.load_mnist(config.data, config.data_dir)
-    parts = rdata.split(pool, {"train": config.n_train, "valid": config.n_valid,
-                               "test": config.n_test}, config.seed)
-    return {k: (jnp.asarray(d.images, jnp.float64), jnp.asarray(d.onehot, jnp.float64))
-            for k, d in parts.items()}
-
-
 def _params0(config: Config) -> list[dict]:
-    """w_0: zeros for logistic regression; for the MLP N(0, 1/fan_in) weights drawn
-    once from a key of the seed that no minibatch order uses."""
+    """w_0: zeros, or N(0, 1/fan_in) MLP weights from a key no minibatch order uses."""
     if config.model == "logistic":
         return models.logistic_init(jax.random.PRNGKey(0), dtype=jnp.float64)
     init_key = jax.random.split(jax.random.PRNGKey(config.seed))[1]
@@ -150,7 +111,7 @@ def _train_loss(params, h, step, *, batch_size):
     return models.nll(models.mlp_apply(params, xb), yb) + models.l2_penalty(params, h["l2"])
 
 
-def _train(l2, params0, key, data, static: _Static, method):
+def _train(l2, params0, key, data, static: Config, method):
     """w_T after T steps with per-weight L2 strengths `l2` (a pytree like params0)."""
     x, y = data["train"]
     return revlearn.sgd(functools.partial(_train_loss, batch_size=static.batch_size), params0,
@@ -158,31 +119,20 @@ def _train(l2, params0, key, data, static: _Static, method):
                         momentum=static.momentum, steps=static.steps, method=method)
 
 
-def _evaluate(params, data) -> dict:
-    out = {}
-    for name in _SPLITS:
-        x, y = data[name]
-        logp = models.mlp_apply(params, x)
-        out[f"{name}_loss"] = models.nll(logp, y)
-        out[f"{name}_error"] = models.error_rate(logp, y).astype(jnp.float64)
-    return out
-
-
-def meta_objective(theta, params0, key, data, static: _Static, method):
+def meta_objective(theta, params0, key, data, static: Config, method):
     """(f(theta), metrics of w_T): validation NLL after training plus the
     meta-penalty on lambda = exp(theta["log_l2"])."""
     l2 = jax.tree_util.tree_map(jnp.exp, theta["log_l2"])
-    params = _train(l2, params0, key, data, static, method)
-    metrics = _evaluate(params, data)
-    penalty = sum(jnp.sum(lam ** 2) for lam in jax.tree_util.tree_leaves(l2))
-    metrics["meta_penalty"] = static.meta_penalty * penalty
-    metrics["mean_log_l2"] = (sum(jnp.sum(t) for t in jax.tree_util.tree_leaves(theta))
-                              / sum(t.size for t in jax.tree_util.tree_leaves(theta)))
+    metrics = evaluate(models.mlp_apply, _train(l2, params0, key, data, static, method), data)
+    leaves = jax.tree_util.tree_leaves(theta)
+    metrics["meta_penalty"] = static.meta_penalty * sum(
+        jnp.sum(lam ** 2) for lam in jax.tree_util.tree_leaves(l2))
+    metrics["mean_log_l2"] = sum(jnp.sum(t) for t in leaves) / sum(t.size for t in leaves)
     return metrics["valid_loss"] + metrics["meta_penalty"], metrics
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _hypergrad(theta, params0, key, data, static: _Static):
+def _hypergrad(theta, params0, key, data, static: Config):
     """(f(theta), df/dtheta by exact reversal, metrics)."""
     method = revlearn.Reversible(min_momentum=static.momentum)
     (loss, metrics), grads = jax.value_and_grad(meta_objective, has_aux=True)(
@@ -191,23 +141,17 @@ def _hypergrad(theta, params0, key, data, static: _Static):
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _retrain(l2, params0, keys, data, static: _Static):
+def _retrain(l2, params0, keys, data, static: Config):
     """Train once per key of `keys` [n, 2] with fixed `l2`: (metrics averaged over
     the keys, w_T of the first key)."""
     def one(key):
         params = _train(l2, params0, key, data, static,
                         revlearn.Reversible(min_momentum=static.momentum))
-        return _evaluate(params, data), params
+        return evaluate(models.mlp_apply, params, data), params
 
     metrics, params = jax.lax.map(one, keys)
     return ({k: jnp.mean(v) for k, v in metrics.items()},
             jax.tree_util.tree_map(lambda a: a[0], params))
-
-
-def _eval_keys(config: Config) -> jax.Array:
-    """Minibatch orders never used in meta-training: key_N .. key_{N + n_eval - 1}."""
-    n = config.meta_iterations
-    return jnp.stack([iteration_key(config.seed, n + k) for k in range(config.n_eval)])
 
 
 def best_grid_index(valid_losses) -> int:
@@ -224,76 +168,6 @@ def _flat(tree, prefix: str) -> dict:
             for k in ("w", "b")}
 
 
-# -- run -------------------------------------------------------------------------
-
-def run(config: Config, run_dir: RunDir) -> dict:
-    t0 = time.perf_counter()
-    data = _splits(config)
-    static = _Static.of(config)
-    params0 = _params0(config)
-    theta0 = {"log_l2": jax.tree_util.tree_map(
-        lambda p: jnp.full(p.shape, math.log(config.init_l2), jnp.float64), params0)}
-    n_hypers = sum(p.size for p in jax.tree_util.tree_leaves(params0))
-
-    def hypergrad_fn(theta, iteration):
-        return _hypergrad(theta, params0, iteration_key(config.seed, iteration), data, static)
-
-    opt = (optax.sgd(config.meta_lr) if config.meta_optimizer == "sgd"
-           else optax.adam(config.meta_lr))
-    result = meta_optimize(hypergrad_fn, theta0, opt, config.meta_iterations, run_dir,
-                           clip=config.clip, progress_metric="valid_loss",
-                           description=f"l2-per-weight ({config.model})")
-    theta = result.hypers
-    run_dir.save_arrays("hypers_final", theta)
-    t_meta = time.perf_counter() - t0
-
-    keys = _eval_keys(config)
-    l2_learned = jax.tree_util.tree_map(jnp.exp, theta["log_l2"])
-    learned, w_learned = _retrain(l2_learned, params0, keys, data, static)
-    grid = {f"{k}": [] for k in ("valid_loss", "valid_error", "test_loss", "test_error",
-                                 "train_loss", "train_error")}
-    grid_weights = []
-    for value in config.grid:
-        l2 = jax.tree_util.tree_map(lambda p: jnp.full(p.shape, value, jnp.float64), params0)
-        m, w = _retrain(l2, params0, keys, data, static)
-        for k in grid:
-            grid[k].append(float(m[k]))
-        grid_weights.append(w)
-    best = best_grid_index(grid["valid_loss"])
-
-    results = {"grid_l2": np.asarray(config.grid, np.float64)}
-    results.update({f"grid_{k}": np.asarray(v) for k, v in grid.items()})
-    results.update({f"learned_{k}": np.asarray(v) for k, v in learned.items()})
-    results.update(_flat(l2_learned, "penalty"))
-    results.update(_flat(w_learned, "weights"))
-    results.update(_flat(grid_weights[best], "weights_global"))
-    run_dir.save_arrays("results", results)
-    wall = time.perf_counter() - t0
-
-    summary = {
-        "model": config.model,
-        "n_hyperparameters": int(n_hypers),
-        "meta_iterations": config.meta_iterations,
-        "test_error_learned": float(learned["test_error"]),
-        "test_error_best_global": grid["test_error"][best],
-        "best_global_l2": float(config.grid[best]),
-        "test_loss_learned": float(learned["test_loss"]),
-        "test_loss_best_global": grid["test_loss"][best],
-        "valid_loss_learned": float(learned["valid_loss"]),
-        "valid_loss_best_global": grid["valid_loss"][best],
-        "valid_error_learned": float(learned["valid_error"]),
-        "valid_error_best_global": grid["valid_error"][best],
-        "train_loss_learned": float(learned["train_loss"]),
-        "train_loss_best_global": grid["train_loss"][best],
-        "l2_learned_median": float(np.median(np.concatenate(
-            [np.ravel(a) for a in jax.tree_util.tree_leaves(l2_learned)]))),
-        "meta_time_s": t_meta,
-        "wall_time_s": wall,
-    }
-    plot(run_dir.path)
-    return summary
-
-
 # -- plot ------------------------------------------------------------------------
 
 def penalty_images(penalty_w: np.ndarray, percentile: float = 98.0):
@@ -304,131 +178,138 @@ def penalty_images(penalty_w: np.ndarray, percentile: float = 98.0):
     if penalty_w.ndim != 2 or penalty_w.shape[0] != 784:
         raise ValueError(f"expected a first-layer array [784, n_units], got {penalty_w.shape}")
     vmax = float(np.percentile(penalty_w, percentile))
-    images = np.minimum(penalty_w.T.reshape(-1, 28, 28), vmax)
-    return images, vmax
+    return np.minimum(penalty_w.T.reshape(-1, 28, 28), vmax), vmax
 
 
-def _units_to_show(res, model: str, n: int = 10) -> tuple[np.ndarray, list[str]]:
-    if model == "logistic":
-        return np.arange(10), [f"digit {k}" for k in range(10)]
-    out_norm = np.linalg.norm(res["weights_1_w"], axis=1)  # [hidden]
-    units = np.sort(np.argsort(-out_norm)[:n])
-    return units, [f"unit {u}" for u in units]
-
-
-def _image_row(fig, axes, images, *, cmap, vmin, vmax, titles, label):
-    im = None
-    for ax, img, title in zip(axes, images, titles):
-        im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(title, fontsize=9)
-    axes[0].set_ylabel(label, fontsize=9)
-    return im
-
-
+@_plots.styled
 def plot(path) -> list[Path]:
     """Re-render the figures from results.npz and metrics.jsonl."""
-    from matplotlib.figure import Figure
+    run = _plots.saved(path, "results")
+    res, out, paths = run.arrays["results"], run.run.figures, []
+    logistic = run.config.get("model", "logistic") == "logistic"
+    best = best_grid_index(res["grid_valid_loss"])
+    best_l2 = float(res["grid_l2"][best])
 
-    rd = RunDir(Path(path))
-    res = rd.load_arrays("results")
-    metrics = rd.read_metrics()
-    cfg = (rd.read_config() or {}).get("config", {})
-    model = cfg.get("model", "logistic")
-    out = rd.figures
-    paths = []
-
-    # 1. penalty maps beside the trained weights
-    units, titles = _units_to_show(res, model)
+    # 1. penalty maps beside the trained weights (MLP: the 10 units of largest outgoing weights)
+    units = (np.arange(10) if logistic else
+             np.sort(np.argsort(-np.linalg.norm(res["weights_1_w"], axis=1))[:10]))
     pen, vmax = penalty_images(res["penalty_0_w"])
-    pen = pen[units]
     # logistic: from 0 as in the original figure; MLP: from the 2nd percentile, for contrast
-    vmin = 0.0 if model == "logistic" else float(np.percentile(res["penalty_0_w"], 2.0))
-    w_learned = res["weights_0_w"].T.reshape(-1, 28, 28)[units]
-    w_global = res["weights_global_0_w"].T.reshape(-1, 28, 28)[units]
-    wmax = float(np.percentile(np.abs(np.concatenate([w_learned, w_global])), 99.5)) or 1.0
-    best_l2 = float(res["grid_l2"][best_grid_index(res["grid_valid_loss"])])
-    fig = Figure(figsize=(1.25 * len(units) + 1.6, 4.6), layout="constrained")
-    axes = fig.subplots(3, len(units))
-    im_p = _image_row(fig, axes[0], pen, cmap="viridis", vmin=vmin, vmax=vmax, titles=titles,
-                      label="learned\npenalty $\\lambda$")
-    im_w = _image_row(fig, axes[1], w_learned, cmap="RdBu_r", vmin=-wmax, vmax=wmax,
-                      titles=[""] * len(units), label="weights,\nlearned $\\lambda$")
-    _image_row(fig, axes[2], w_global, cmap="RdBu_r", vmin=-wmax, vmax=wmax,
-               titles=[""] * len(units), label=f"weights, best\nglobal $\\lambda$={best_l2:g}")
-    cb = fig.colorbar(im_p, ax=axes[0], shrink=0.9, pad=0.01)
-    cb.set_label("$\\lambda$ (clipped at\n98th percentile)", fontsize=8)
-    cb = fig.colorbar(im_w, ax=axes[1:], shrink=0.9, pad=0.01)
-    cb.set_label("weight (shared scale)", fontsize=8)
-    what = ("logistic regression, one column per class" if model == "logistic" else
+    vmin = 0.0 if logistic else float(np.percentile(res["penalty_0_w"], 2.0))
+    w = [res[k].T.reshape(-1, 28, 28)[units] for k in ("weights_0_w", "weights_global_0_w")]
+    wmax = float(np.percentile(np.abs(np.concatenate(w)), 99.5)) or 1.0
+    fig, axes = _plots.figure(len(units), 3, width=1.25 * len(units) + 1.6, height=4.6)
+    im_p = _plots.image_grid(axes[0], pen[units], [f"{'digit' if logistic else 'unit'} {u}"
+                                                   for u in units],
+                             cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+    for row, img in zip(axes[1:], w):
+        im_w = _plots.image_grid(row, img, cmap="RdBu_r", vmin=-wmax, vmax=wmax,
+                                 interpolation="nearest")
+    for ax, label in zip(axes[:, 0], ("learned\npenalty $\\lambda$", "weights,\nlearned $\\lambda$",
+                                      f"weights, best\nglobal $\\lambda$={best_l2:g}")):
+        ax.set_ylabel(label)
+    fig.colorbar(im_p, ax=axes[0], shrink=0.9, pad=0.01,
+                 label="$\\lambda$ (clipped at\n98th percentile)")
+    fig.colorbar(im_w, ax=axes[1:], shrink=0.9, pad=0.01, label="weight (shared scale)")
+    what = ("logistic regression, one column per class" if logistic else
             "MLP first layer, the 10 hidden units with the largest outgoing weights")
     fig.suptitle(f"Learned per-weight L2 penalties and trained weights ({what})")
-    paths.append(out / "penalties.png")
-    save_figure(fig, paths[-1], dpi=110)
+    _plots.save(fig, out, "penalties", paths)
 
-    if model == "mlp":  # per input pixel: the penalty averaged over hidden units
+    if not logistic:  # per input pixel: the penalty averaged over hidden units
         mean_pen = res["penalty_0_w"].mean(axis=1)
-        mean_abs_w = np.abs(res["weights_0_w"]).mean(axis=1)
-        fig = Figure(figsize=(8.5, 3.8), layout="constrained")
-        ax1, ax2 = fig.subplots(1, 2)
         vm = float(np.percentile(mean_pen, 98.0))
-        im = ax1.imshow(np.minimum(mean_pen, vm).reshape(28, 28), cmap="viridis",
-                        vmin=float(mean_pen.min()), vmax=vm, interpolation="nearest")
+        fig, (ax1, ax2) = _plots.figure(2, width=8.5, height=3.8)
+        im = _plots.image_grid([ax1], [np.minimum(mean_pen, vm).reshape(28, 28)],
+                               cmap="viridis", vmin=float(mean_pen.min()), vmax=vm,
+                               interpolation="nearest")
         fig.colorbar(im, ax=ax1, label="mean $\\lambda$ (clipped at 98th pct.)")
-        ax1.set_title("Penalty per input pixel\n(mean over the hidden units)", fontsize=10)
-        im = ax2.imshow(mean_abs_w.reshape(28, 28), cmap="magma", interpolation="nearest")
+        ax1.set_title("Penalty per input pixel\n(mean over the hidden units)")
+        im = _plots.image_grid([ax2], [np.abs(res["weights_0_w"]).mean(1).reshape(28, 28)],
+                               cmap="magma", interpolation="nearest")
         fig.colorbar(im, ax=ax2, label="mean |weight|")
-        ax2.set_title("Trained first-layer weights per pixel\n(mean |w| over hidden units)",
-                      fontsize=10)
-        for ax in (ax1, ax2):
-            ax.set_xticks([])
-            ax.set_yticks([])
-        fig.suptitle("MLP 784-%d-10: learned first-layer penalties" % res["weights_0_w"].shape[1])
-        paths.append(out / "pixel_penalty.png")
-        save_figure(fig, paths[-1], dpi=110)
+        ax2.set_title("Trained first-layer weights per pixel\n(mean |w| over hidden units)")
+        fig.suptitle(f"MLP 784-{res['weights_0_w'].shape[1]}-10: learned first-layer penalties")
+        _plots.save(fig, out, "pixel_penalty", paths)
 
     # 2. meta-learning curves
-    best = best_grid_index(res["grid_valid_loss"])
-    fig = _plots.meta_curves(metrics, "model", {
+    fig = _plots.meta_curves(run.metrics, "model", {
         f"best global $\\lambda$ ({best_l2:g})": {"test_loss": res["grid_test_loss"][best],
                                                   "test_error": res["grid_test_error"][best]}})
-    paths.append(out / "meta_curves.png")
-    save_figure(fig, paths[-1], dpi=110)
+    _plots.underlay(fig, "training")  # the test curve nearly covers it
+    _plots.save(fig, out, "meta_curves", paths)
 
-    # 3. the grid of global L2 strengths against the learned penalties
-    fig = Figure(figsize=(10, 4.0), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    # 3. the grid of global L2 strengths against the learned penalties; 0 drawn left of the grid
     g = res["grid_l2"]
-    positive = g > 0
-    floor = g[positive].min() / 10 if positive.any() else 1e-6
-    gx = np.where(positive, g, floor)
-    for ax, kind, scale, unit in ((ax1, "loss", 1.0, "mean NLL, nats"), (ax2, "error", 100.0, "%")):
+    floor = g[g > 0].min() / 10 if (g > 0).any() else 1e-6
+    gx = np.where(g > 0, g, floor)
+    fig, axes = _plots.figure(2, width=10, height=4.2)
+    for ax, kind, scale, unit in zip(axes, ("loss", "error"), (1, 100), ("mean NLL, nats", "%")):
         for split in ("valid", "test"):
-            ax.plot(gx, scale * res[f"grid_{split}_{kind}"], "o-", color=_plots.SPLIT_COLORS[split],
-                    label=f"{_SPLIT_NAMES[split]}, global $\\lambda$")
-            ax.axhline(scale * float(res[f"learned_{split}_{kind}"]), color=_plots.SPLIT_COLORS[split],
-                       ls="--", label=f"{_SPLIT_NAMES[split]}, learned per-weight $\\lambda$")
-        ax.axvline(gx[best], color="0.6", lw=0.8, label="best global $\\lambda$ (lowest "
-                   "validation loss)")
+            c, name = _plots.SPLIT_COLORS[split], _plots.SPLIT_NAMES[split]
+            ax.plot(gx, scale * res[f"grid_{split}_{kind}"], "o-", color=c,
+                    label=f"{name}, one global $\\lambda$")
+            ax.axhline(scale * float(res[f"learned_{split}_{kind}"]), color=c, ls="--",
+                       label=f"{name}, learned per-weight $\\lambda$")
+        ax.plot(gx[best], scale * res[f"grid_valid_{kind}"][best], "o", ms=12, mfc="none",
+                mec="k", label="best global $\\lambda$ (lowest validation loss)")
         ax.set_xscale("log")
-        ax.set_xlabel("global L2 strength $\\lambda$" + (f" (0 drawn at {floor:g})"
-                                                           if not positive.all() else ""))
+        ax.set_xticks(gx, [f"{v:g}" for v in g], rotation=45)
+        ax.minorticks_off()
+        ax.set_xlabel("global L2 strength $\\lambda$ (log scale; 0 drawn at the left)")
         ax.set_ylabel(f"{kind} after training ({unit})")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    ax1.set_title("Loss")
-    ax2.set_title("Error")
-    n_eval = cfg.get("n_eval")
+        ax.legend()
+    axes[0].set_title("Loss")
+    axes[1].set_title("Error")
     fig.suptitle("Grid search over one global L2 strength vs. learned per-weight penalties"
-                 + (f" (mean over {n_eval} unseen minibatch orders)" if n_eval else ""))
-    paths.append(out / "grid.png")
-    save_figure(fig, paths[-1], dpi=110)
+                 f" (mean over {run.config.get('n_eval', '?')} unseen minibatch orders)")
+    _plots.save(fig, out, "grid", paths)
     return paths
 
 
-EXPERIMENT = register(Experiment(
-    name="l2-per-weight",
-    description="Learn one L2 penalty per weight of logistic regression (or an MLP) on MNIST "
-                "and compare with the best global L2 of a grid.",
-    Config=Config, smoke=SMOKE, run=run, plot=plot))
+# -- run -------------------------------------------------------------------------
+
+def run(config: Config, run_dir: RunDir) -> dict:
+    t0 = time.perf_counter()
+    data = mnist_splits(config, "train", "valid", "test")
+    static, params0 = config.program(), _params0(config)
+    full = lambda v: jax.tree_util.tree_map(  # noqa: E731
+        lambda p: jnp.full(p.shape, v, jnp.float64), params0)
+    opt = (optax.sgd if config.meta_optimizer == "sgd" else optax.adam)(config.meta_lr)
+    result = meta_optimize(
+        lambda theta, i: _hypergrad(theta, params0, iteration_key(config.seed, i), data, static),
+        {"log_l2": full(math.log(config.init_l2))}, opt, config.meta_iterations, run_dir,
+        clip=config.clip, progress_metric="valid_loss",
+        description=f"l2-per-weight ({config.model})")
+    run_dir.save_arrays("hypers_final", result.hypers)
+    t_meta = time.perf_counter() - t0
+
+    # unseen minibatch orders: key_N .. key_{N + n_eval - 1}
+    keys = jnp.stack([iteration_key(config.seed, config.meta_iterations + k)
+                      for k in range(config.n_eval)])
+    l2_learned = jax.tree_util.tree_map(jnp.exp, result.hypers["log_l2"])
+    learned, w_learned = _retrain(l2_learned, params0, keys, data, static)
+    grid = [_retrain(full(value), params0, keys, data, static) for value in config.grid]
+    best = best_grid_index([float(m["valid_loss"]) for m, _ in grid])
+    results = {"grid_l2": np.asarray(config.grid, np.float64),
+               **{f"grid_{k}": np.asarray([float(m[k]) for m, _ in grid]) for k in learned},
+               **{f"learned_{k}": np.asarray(v) for k, v in learned.items()},
+               **_flat(l2_learned, "penalty"), **_flat(w_learned, "weights"),
+               **_flat(grid[best][1], "weights_global")}
+    run_dir.save_arrays("results", results)
+    summary = {"model": config.model, "n_hyperparameters": sum(
+        p.size for p in jax.tree_util.tree_leaves(params0)),
+        "meta_iterations": config.meta_iterations, "best_global_l2": float(config.grid[best])}
+    for k in ("test_error", "test_loss", "valid_loss", "valid_error", "train_loss"):
+        summary[f"{k}_learned"] = float(learned[k])
+        summary[f"{k}_best_global"] = float(results[f"grid_{k}"][best])
+    summary["l2_learned_median"] = float(np.median(np.concatenate(
+        [np.ravel(a) for a in jax.tree_util.tree_leaves(l2_learned)])))
+    summary.update(meta_time_s=t_meta, wall_time_s=time.perf_counter() - t0)
+    plot(run_dir.path)
+    return summary
+
+
+EXPERIMENT = Experiment(
+    "l2-per-weight", "Learn one L2 penalty per weight of logistic regression (or an MLP) on "
+    "MNIST and compare with the best global L2 of a grid.", Config, SMOKE, run, plot)

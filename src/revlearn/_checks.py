@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _faults, _sharding, optim
+from . import _faults, _pytrees, _sharding, optim
 from ._problem import decay_values, merge, split_inexact
 from ._train import prepare, train
 from .exact import _buffer, _determinism, _grid
@@ -65,8 +65,17 @@ def _forward(p, method, capacity):
 
 @dataclasses.dataclass(frozen=True)
 class ReversalCheck:
-    """Whether the reversal recovered the initial state bit-for-bit: the weights, the
-    optimiser state (every moment) and the buffers."""
+    """What `check_reversal` returns: whether the reversal recovered the initial state
+    bit-for-bit.
+
+    Attributes:
+      weights_exact: the weights came back bit-for-bit.
+      state_exact: every moment of the optimiser state did.
+      buffer_empty: every information buffer is back to its initial (empty) state.
+      max_weight_error_ulps: the largest weight error, in units of 2^-frac_bits (0 when
+        exact).
+      passed: all three hold.
+    """
 
     weights_exact: bool
     state_exact: bool
@@ -89,8 +98,36 @@ def check_reversal(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=N
                    method: Reversible | None = None) -> ReversalCheck:
     """Train `steps` steps in fixed point, reverse them, compare with the start bit-for-bit.
 
-    Raises `ReversibleError` where `train` would (a fault in either pass other than the
-    drift this check measures)."""
+    Args:
+      loss_fn: `loss_fn(params, hypers, step) -> scalar`, as for `revlearn.train`.
+      params0: the initial weights (any pytree of float arrays, or an Equinox module).
+      hypers: any pytree read by the loss.
+      steps: T, a Python int >= 1.
+      optimizer: a `revlearn.optim` rule (optax transforms are refused: they do not
+        reverse).
+      lr: with `momentum`, the spelling `lr=..., momentum=...` of
+        `optimizer=revlearn.optim.momentum(lr, momentum)`.
+      momentum: see `lr`.
+      v0: momentum's initial velocity (zeros if None).
+      state0: the initial optimiser state, as for `train`.
+      method: the `Reversible()` to check (its defaults if None).
+
+    Returns:
+      A `ReversalCheck`: whether the weights, the optimiser state and the buffers came back
+      bit-for-bit (`.passed`), and the largest weight error in units of 2^-frac_bits.
+
+    Raises:
+      ReversibleError: where `train` would (a fault in either pass other than the drift
+        this check measures, which it reports instead).
+      ValueError, TypeError: bad arguments, as `train`; a TypeError for an optax transform.
+
+    Example:
+        ```python
+        check = revlearn.check_reversal(loss_fn, params0, hypers, steps=100,
+                                        optimizer=revlearn.optim.adam(1e-3))
+        assert check.passed, check
+        ```
+    """
     where = "check_reversal"
     method, p, capacity, info = _setup(where, method, loss_fn, params0, hypers, dict(
         optimizer=optimizer, lr=lr, momentum=momentum, v0=v0, state0=state0, steps=steps))
@@ -118,10 +155,17 @@ def check_reversal(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=N
 
 @dataclasses.dataclass(frozen=True)
 class BufferUsage:
-    """Buffer size after training, per weight per step, against the minimum.
+    """What `buffer_usage` returns: the buffers' size after training, per weight per step,
+    against the minimum.
 
-    `capacity_words` and `max_words_used` count words per weight (the largest over decays
-    and params leaves); `per_decay` holds (name, bits, ideal bits) per weight per step."""
+    Attributes:
+      bits_per_weight_per_step: the bits the buffers hold, summed over decays.
+      ideal_bits_per_weight_per_step: the minimum, mean_t sum_decays log2(1 / decay_t).
+      capacity_words: the words per weight reserved (the largest over decays and leaves).
+      max_words_used: the words per weight used (the largest over decays and leaves).
+      per_decay: (name, bits, ideal bits) per weight per step, for each decay.
+      ratio: bits / ideal bits.
+    """
 
     bits_per_weight_per_step: float
     ideal_bits_per_weight_per_step: float
@@ -137,8 +181,38 @@ class BufferUsage:
 @_sharding.with_auto_axes
 def buffer_usage(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=None, momentum=None,
                  v0=None, state0=None, method: Reversible | None = None) -> BufferUsage:
-    """Run the forward pass and measure the information buffers (raises `ReversibleError` where
-    `train` would, e.g. on an exhausted buffer)."""
+    """Run the forward pass and measure the information buffers against their minimum.
+
+    Args:
+      loss_fn: `loss_fn(params, hypers, step) -> scalar`, as for `revlearn.train`.
+      params0: the initial weights (any pytree of float arrays, or an Equinox module).
+      hypers: any pytree read by the loss.
+      steps: T, a Python int >= 1.
+      optimizer: a `revlearn.optim` rule (optax transforms are refused: they do not
+        reverse).
+      lr: with `momentum`, the spelling `lr=..., momentum=...` of
+        `optimizer=revlearn.optim.momentum(lr, momentum)`.
+      momentum: see `lr`.
+      v0: momentum's initial velocity (zeros if None).
+      state0: the initial optimiser state, as for `train`.
+      method: the `Reversible()` whose buffers are measured (its defaults if None).
+
+    Returns:
+      A `BufferUsage`: bits per weight per step held after training, against the minimum
+      mean_t sum_decays log2(1 / decay_t), per decay and in total.
+
+    Raises:
+      ReversibleError: where `train` would (e.g. an exhausted buffer).
+      ValueError, TypeError: bad arguments, as `train`.
+
+    Example:
+        ```python
+        usage = revlearn.buffer_usage(loss_fn, params0, hypers, steps=100,
+                                      optimizer=revlearn.optim.momentum(0.1, 0.9))
+        print(usage.bits_per_weight_per_step, usage.ideal_bits_per_weight_per_step)
+        # 0.15207 0.15201: within 0.1% of log2(1 / 0.9)
+        ```
+    """
     where = "buffer_usage"
     method, p, capacity, info = _setup(where, method, loss_fn, params0, hypers, dict(
         optimizer=optimizer, lr=lr, momentum=momentum, v0=v0, state0=state0, steps=steps))
@@ -189,7 +263,18 @@ def buffer_usage(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=Non
 
 @dataclasses.dataclass(frozen=True)
 class GradCheck:
-    """Relative errors of the Reversible hypergradient, per argument."""
+    """What `check_hypergradients` returns: relative errors of the Reversible
+    hypergradient, per argument.
+
+    Attributes:
+      names: the arguments checked: "params0", "hypers" and the rule's hyperparameters.
+      rel_err_unrolled: ||g_rev - g_unrolled|| / ||g_unrolled||, per argument.
+      rel_err_fd: |<g_rev, u> - FD_u| / max(|FD_u|, |<g_rev, u>|), per argument.
+      fd_step: the finite-difference step used, per argument.
+      rtol_unrolled: the tolerance against Unrolled.
+      rtol_fd: the tolerance against finite differences.
+      passed: every error within its tolerance.
+    """
 
     names: tuple
     rel_err_unrolled: tuple      # ||g_rev - g_unr|| / ||g_unr||
@@ -246,17 +331,56 @@ def check_hypergradients(loss_fn: Callable, meta_fn: Callable, params0: Any, hyp
                          rtol_fd: float | None = None) -> GradCheck:
     """Compare d meta_fn(train(...)) / d(params0, hypers, each rule hyperparameter) three ways.
 
-    `meta_fn(params_T) -> scalar`, e.g. the validation loss. Finite differences
-    are central, along one random unit direction per argument (a step of `fd_step`,
-    relative to the value for the rule's hyperparameters; for a decay along the
-    all-ones direction with a step of whole units of its grid, since decays are
-    applied rounded to it). Tolerances default to 1e-6 / 1e-4 in float64 and
-    1e-3 / 3e-2 when params0 is float32. A weight decay that is the Python number 0
-    (off) is not differentiated.
+    By `Reversible`, by `Unrolled`, and by central finite differences along one random
+    unit direction per argument (a step of `fd_step`, relative to the value for the
+    rule's hyperparameters; for a decay along the all-ones direction with a step of
+    whole units of its grid, since decays are applied rounded to it). A weight decay
+    that is the Python number 0 (off) is not differentiated. Reversible against
+    Unrolled tests the implementation; both against finite differences test that the
+    loss is smooth at the scale of the step (a chaotic loss fails that one only).
+
+    Args:
+      loss_fn: `loss_fn(params, hypers, step) -> scalar`, as for `revlearn.train`.
+      meta_fn: `meta_fn(params_T) -> scalar`, e.g. the validation loss.
+      params0: the initial weights (any pytree of float arrays, or an Equinox module,
+        whose trained arrays are perturbed).
+      hypers: any pytree read by the loss; its float leaves are checked.
+      steps: T, a Python int >= 1.
+      optimizer: a `revlearn.optim` rule.
+      lr: with `momentum`, the spelling `lr=..., momentum=...` of
+        `optimizer=revlearn.optim.momentum(lr, momentum)`.
+      momentum: see `lr`.
+      method: the `Reversible()` to check (default: one whose buffers are sized for the
+        finite-difference steps of the decays).
+      key: the random directions' key (PRNGKey(0) if None).
+      fd_step: the finite-difference step (1e-5 in float64, 1e-2 in float32).
+      rtol_unrolled: the tolerance against Unrolled (1e-6 in float64, 1e-3 in float32).
+      rtol_fd: the tolerance against finite differences (1e-4, 3e-2).
+
+    Returns:
+      A `GradCheck` with the relative errors per argument; `.passed` and `str()` (a
+      table).
+
+    Raises:
+      ReversibleError: where `train` would.
+      ValueError, TypeError: bad arguments, as `train`.
+
+    Example:
+        ```python
+        print(revlearn.check_hypergradients(loss_fn, meta_fn, params0, hypers, steps=30,
+                                            optimizer=revlearn.optim.momentum(0.5, 0.9)))
+        # argument        rev vs unrolled  rev vs central FD   FD step
+        # params0                4.06e-15           4.52e-10   1.0e-05
+        # ...
+        # tolerances: 1e-06 (unrolled), 1e-04 (FD) -> PASS
+        ```
     """
     p = prepare(loss_fn, params0, hypers, optimizer=optimizer, lr=lr, momentum=momentum,
                 steps=steps)
     rule = p.rule
+    # an Equinox module: differentiate its inexact arrays (those train trains), carry the rest
+    params0, hypers, carried = _pytrees.split(params0, hypers)
+    carried = carried or _pytrees.Carried(None, None)
     key = jax.random.PRNGKey(0) if key is None else key
     f32 = any(jnp.result_type(l) == jnp.float32 for l in jax.tree_util.tree_leaves(params0))
     rtol_unrolled = rtol_unrolled if rtol_unrolled is not None else (1e-3 if f32 else 1e-6)
@@ -284,7 +408,10 @@ def check_hypergradients(loss_fn: Callable, meta_fn: Callable, params0: Any, hyp
 
     def f(p0, hf, hv, m):
         opt = dataclasses.replace(rule, **dict(zip(hnames, hv)))
-        return meta_fn(train(loss_fn, p0, merge(hf, hypers_o), optimizer=opt, steps=steps,
+        h = merge(hf, hypers_o)
+        if carried.hypers is not None:
+            h = _pytrees.combine(h, carried.hypers)
+        return meta_fn(train(loss_fn, carried.rebuild(p0), h, optimizer=opt, steps=steps,
                              method=m))
 
     args = (params0, hypers_f, tuple(hyp[n] for n in hnames))
@@ -341,7 +468,12 @@ def check_hypergradients(loss_fn: Callable, meta_fn: Callable, params0: Any, hyp
 
 @dataclasses.dataclass(frozen=True)
 class SelfCheck:
-    """Verdict of `self_check`."""
+    """What `self_check` returns.
+
+    Attributes:
+      lines: the report's lines (`str()` joins them, with the verdict).
+      passed: every check passed.
+    """
 
     lines: tuple
     passed: bool
@@ -352,7 +484,26 @@ class SelfCheck:
 
 
 def self_check(steps: int = 30) -> SelfCheck:
-    """Exactness and agreement on small built-in problems, float64 and float32."""
+    """Exactness and agreement on small built-in problems, float64 and float32.
+
+    Runs `check_reversal`, `check_hypergradients` and `buffer_usage` on a small MLP with
+    momentum (float64 and float32) and Adam (float64): what `revlearn check` prints.
+
+    Args:
+      steps: training steps of each problem.
+
+    Returns:
+      A `SelfCheck`: `.passed`, and `str()` the report ending in PASS or FAIL.
+
+    Raises:
+      RuntimeError: 64-bit mode is off (`jax.config.update("jax_enable_x64", True)`).
+
+    Example:
+        ```python
+        result = revlearn.self_check()
+        print(result)          # ... PASS: exact reversal and hypergradients verified ...
+        ```
+    """
     _reversible.require_x64("revlearn.self_check")
     lines, ok = [f"jax {jax.__version__} on {jax.devices()[0].platform} "
                  f"({jax.devices()[0].device_kind})"], True

@@ -41,7 +41,26 @@ NONFINITE_STATE = 11        # floating-point methods: a weight or the optimiser 
 
 
 class ReversibleError(FloatingPointError):
-    """Raised when training or its reversal cannot be exact (see the message)."""
+    """Raised when training or its reversal cannot be exact; never a wrong hypergradient.
+
+    Its one-line message names where (e.g. `revlearn.train(optimizer=optim.adam,
+    method=Reversible())`), the fault, the step and the fix. The faults: a non-finite
+    gradient, hyperparameter, weight or state; a weight or moment leaving the fixed-point
+    range; an exhausted information buffer; a decay off its grid or outside (0, 1);
+    eps <= 0, a negative weight decay or second moment; a non-finite hypergradient in the
+    backward pass; and any drift of the reversal (the recomputed gradient differed from
+    the forward one). It subclasses `FloatingPointError`. Under `jax.jit` the error
+    arrives as a `jax.errors.JaxRuntimeError` whose message carries this one.
+
+    Example:
+        ```python
+        try:
+            revlearn.train(loss_fn, params0, optimizer=revlearn.optim.momentum(1e4, 0.9),
+                           steps=100)
+        except revlearn.ReversibleError as e:
+            print(e)   # ...: a weight left the fixed-point range |w| < 1024 at step 3 ...
+        ```
+    """
 
 
 class Fault(NamedTuple):

@@ -116,6 +116,8 @@ def normalise(name: str, spec: Any, params0: Any, steps: int) -> Schedule:
         for p, s, subtree in (x.parts() for x in jax.tree_util.tree_leaves(
                 sub, is_leaf=lambda x: isinstance(x, _Sub))):
             n_sub = len(jax.tree_util.tree_leaves(subtree))
+            if s is None and n_sub == 0:
+                continue  # nothing trained below (a carried leaf of an Equinox module)
             if s is None:
                 raise ValueError(f"{name}{_path(p)} is None; give a value for every params leaf.")
             per_leaf.extend([(_path(p), s, n_sub == 1)] * n_sub)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _schedules, _sharding
+from . import _pytrees, _schedules, _sharding
 from .exact import _grid
 from .methods._reversible import Reversible
 from .methods._unrolled import Checkpointed, Unrolled
@@ -41,7 +41,11 @@ def _check_params(params0) -> None:
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(
                 f"params0{jax.tree_util.keystr(path)} has dtype {dt}; every leaf of params0 is "
-                "trained, so it must be a float array. Move integer or key leaves into hypers.")
+                "trained, so it must be a float array. " + (
+                    "For a flax.nnx model, train its parameters: graphdef, params, rest = "
+                    "nnx.split(model, nnx.Param, ...), and nnx.merge(graphdef, params, rest) "
+                    "in loss_fn." if _pytrees.is_nnx(params0) else
+                    "Move integer or key leaves into hypers."))
 
 
 def _check_hypers(hypers) -> None:
@@ -72,12 +76,25 @@ def train(loss_fn: Callable, params0: Any, hypers: Any = None, *, optimizer, ste
           return_state: bool = False):
     """Train `steps` steps of `optimizer`; differentiable w.r.t. every array input.
 
+        g_t = grad_w loss_fn(w_t, hypers, t)
+        w_{t+1}, state_{t+1} = optimizer step(w_t, state_t, g_t),   t = 0 .. steps - 1
+
+    Differentiate the result with `jax.grad` (w.r.t. params0, hypers, the optimizer's
+    hyperparameters, state0, or anything the loss closes over); `method` decides how that
+    derivative is computed, not its value.
+
     Args:
       loss_fn: `loss_fn(params, hypers, step) -> scalar`; `step` is an int32 array, so the
-        loss picks its minibatch (and any noise) from it.
-      params0: pytree of float arrays (float32 or float64), the initial weights.
+        loss picks its minibatch (and any noise) from it. It must be a pure function of
+        its arguments (the reversal recomputes it).
+      params0: the initial weights: a pytree of float arrays (float32 or float64): a dict,
+        a list of layers, a Flax `params` dict, an `nnx.State`. An Equinox module may be
+        passed as it is: its inexact arrays are trained and its other leaves (functions,
+        Python numbers, integer arrays) carried unchanged, the `eqx.filter(...,
+        eqx.is_inexact_array)` convention.
       hypers: any pytree read by the loss (L2 strengths, data, ...). Float leaves get
-        hypergradients; other leaves (keys, ints) are passed along.
+        hypergradients; other leaves (keys, ints) are passed along. In an Equinox module
+        the same convention as params0 holds.
       optimizer: an update rule, `revlearn.optim.momentum(lr, momentum)`,
         `revlearn.optim.adam(lr, ...)` or `revlearn.optim.rmsprop_momentum(lr, ...)`, whose
         hyperparameters are differentiable (each a scalar, a [steps] schedule, or a pytree
@@ -87,27 +104,57 @@ def train(loss_fn: Callable, params0: Any, hypers: Any = None, *, optimizer, ste
       method: `Reversible()` (default), `Unrolled()` or `Checkpointed()`.
       state0: the optimiser state to start from (the rule's `State`, e.g. the one a previous
         call returned with `return_state=True`, or an optax state); the rule's zero state
-        (optax: `optimizer.init(params0)`) if None. Differentiable.
+        (optax: `optimizer.init(params0)`) if None. Its moments are shaped like params0
+        (for an Equinox module, like its trained part). Differentiable.
       path_fn: optional `path_fn(params, hypers, step) -> scalar`; if given, the sum over
         t = 0 .. T-1 of path_fn(w_t, hypers, t) (e.g. the area under the training curve)
         is returned too and is differentiable.
       return_state: also return the final optimiser state.
 
     Returns:
-      w_T (pytree like params0); with `return_state` (w_T, state_T); with `path_fn`
-      (w_T, path_sum); with both (w_T, state_T, path_sum).
+      w_T, a pytree like params0 (an Equinox module comes back as a module of the same
+      type); with `return_state`, (w_T, state_T); with `path_fn`, (w_T, path_sum); with
+      both, (w_T, state_T, path_sum).
 
     Raises:
-      ValueError / TypeError: bad arguments (before anything runs), naming the argument.
+      ValueError: a bad argument (a non-float params0 leaf, a hyperparameter of the wrong
+        shape or off its grid, a state0 of the wrong structure, steps < 1), before
+        anything runs, in one line naming the argument and the fix.
+      TypeError: an argument of the wrong kind (a method or optimizer that is not one, a
+        hypers leaf that is not an array or number, an optax transform with
+        `Reversible()`).
       ReversibleError: a fault while training or reversing (non-finite gradient,
         fixed-point overflow, exhausted buffer, decay off its grid, drift), naming the step;
         under `jax.jit` it arrives as a `JaxRuntimeError` carrying the message.
+
+    Example:
+        ```python
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import revlearn
+
+        def validation_loss(lr, hypers):
+            w_T = revlearn.train(loss_fn, params0, hypers, steps=100,
+                                 optimizer=revlearn.optim.adam(lr))
+            return meta_fn(w_T)
+
+        d_lr, d_hypers = jax.grad(validation_loss, argnums=(0, 1))(1e-3, hypers)
+        ```
     """
     method = Reversible() if method is None else method
     if not isinstance(method, (Reversible, Unrolled, Checkpointed)):
         raise TypeError(f"method={method!r} is not a revlearn method: use {METHODS}.")
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state={return_state!r} is not a bool: pass True or False.")
+    params0, hypers, carried = _pytrees.split(params0, hypers)
+    if carried is not None:
+        # an Equinox module: train its inexact arrays, carry the rest around loss_fn and w_T
+        out = train(carried.wrap(loss_fn), params0, hypers, optimizer=optimizer, steps=steps,
+                    method=method, state0=state0, path_fn=carried.wrap(path_fn),
+                    return_state=return_state)
+        if not return_state and path_fn is None:
+            return carried.rebuild(out)
+        return (carried.rebuild(out[0]),) + out[1:]
     if is_optax(optimizer) and isinstance(method, Reversible):
         raise TypeError(
             f"optimizer={optimizer!r} is an optax GradientTransformation, which Reversible() "
@@ -149,11 +196,29 @@ def sgd(loss_fn: Callable, params0: Any, hypers: Any = None, *, lr: Any, momentu
         v_{t+1} = gamma_t v_t - (1 - gamma_t) grad_w loss_fn(w_t, hypers, t)
         w_{t+1} = w_t + alpha_t v_{t+1}
 
-    Args as `train`; `lr` (alpha) and `momentum` (gamma, applied as round(gamma 2^16) / 2^16)
-    take the hyperparameter shapes, `v0` is the initial velocity (zeros if None).
+    Args:
+      loss_fn: `loss_fn(params, hypers, step) -> scalar`, as for `train`.
+      params0: the initial weights, as for `train`.
+      hypers: any pytree read by the loss, as for `train`.
+      lr: alpha, the learning rate: a scalar, a [steps] schedule, or a pytree prefix of
+        params0 with per-weight or [steps, *shape] leaves.
+      momentum: gamma in (0, 1), the same shapes; applied as round(gamma 2^16) / 2^16.
+      steps: T, a Python int >= 1.
+      method: `Reversible()` (default), `Unrolled()` or `Checkpointed()`.
+      v0: the initial velocity, shaped like params0 (zeros if None).
+      path_fn: optional per-step term, as for `train`.
 
     Returns:
       w_T, or (w_T, path_sum) if path_fn is given.
+
+    Raises:
+      ValueError, TypeError, ReversibleError: as `train`.
+
+    Example:
+        ```python
+        w_T = revlearn.sgd(loss_fn, params0, hypers, lr=jnp.full(100, 0.1),
+                           momentum=0.9, steps=100)
+        ```
     """
     state0 = None if v0 is None else MomentumState(v0)
     return train(loss_fn, params0, hypers, optimizer=momentum_rule(lr, momentum), steps=steps,
@@ -178,7 +243,11 @@ def _check_state0(rule: _base.Rule, state0, params0) -> dict:
                                                             jax.tree_util.tree_leaves(params0))):
             what = "v0" if rule.name == "momentum" and m.name == "v" else f"state0.{m.name}"
             raise ValueError(f"{what} must have the same structure and leaf shapes as params0 "
-                             f"(got {jax.tree_util.tree_structure(x)}).")
+                             f"(got {jax.tree_util.tree_structure(x)})" + (
+                                 "; for an Equinox module, like its trained part: start from "
+                                 "optimizer.init(params0), eqx.filter(params0, "
+                                 "eqx.is_inexact_array) or a state returned by train(..., "
+                                 "return_state=True)." if _pytrees.has_module(params0) else "."))
         out[m.name] = jax.tree_util.tree_map(lambda a, p: jnp.asarray(a, jnp.result_type(p)),
                                              x, params0)
     if rule.counted:
@@ -249,6 +318,9 @@ def prepare(loss_fn, params0, hypers=None, *, optimizer=None, steps, state0=None
     if not isinstance(optimizer, _base.Rule) and not is_optax(optimizer):
         raise TypeError(f"optimizer={optimizer!r} is not an update rule: use {RULES} (or, with "
                         "Unrolled/Checkpointed, an optax GradientTransformation).")
+    params0, hypers, carried = _pytrees.split(params0, hypers)
+    if carried is not None:  # an Equinox module (the checkers come here directly)
+        loss_fn, path_fn = carried.wrap(loss_fn), carried.wrap(path_fn)
     _check_params(params0)
     _check_hypers(hypers)
 

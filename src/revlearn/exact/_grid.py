@@ -104,8 +104,11 @@ def _grid(bits: int, word_bits: int, precision: int) -> Grid:
 
 
 MOMENTUM = Grid(bits=16, word_bits=16, precision=31, slack_bits=2.2013711e-05, proportional=False)
+"""Heavy-ball momentum's grid, n / 2^16 (0.9 is applied as 0.8999939)."""
 FINE = _grid(bits=24, word_bits=8, precision=40)
+"""Adam's b1 and b2 and RMSProp's decay and momentum: n / 2^24 (0.999 -> 0.99900001)."""
 FINEST = _grid(bits=32, word_bits=8, precision=43)
+"""AdamW's weight-decay factor 1 - lr * weight_decay: n / 2^32 (resolution 2.3e-10)."""
 
 
 def numerators(value, grid: Grid) -> jax.Array:
@@ -126,7 +129,22 @@ def on_grid(value: jax.Array, grid: Grid) -> jax.Array:
 
 
 def applied(value, grid: Grid) -> np.ndarray:
-    """The value a decay is applied as, round(gamma 2^d) / 2^d (numpy, for reading and docs)."""
+    """The value a decay is applied as on `grid`: round(value 2^d) / 2^d.
+
+    Args:
+      value: a decay (a number or an array).
+      grid: `revlearn.optim.MOMENTUM` (momentum, d = 16), `FINE` (Adam's b1, b2, RMSProp's
+        decays, d = 24) or `FINEST` (AdamW's 1 - lr * weight_decay, d = 32).
+
+    Returns:
+      A float64 numpy array of value's shape: what every method multiplies by.
+
+    Example:
+        ```python
+        revlearn.optim.applied(0.9, revlearn.optim.MOMENTUM)   # 0.89999390 (58982 / 65536)
+        revlearn.optim.applied(0.999, revlearn.optim.FINE)     # 0.99900001
+        ```
+    """
     return numerators_np(value, grid) / grid.denominator
 
 

@@ -67,9 +67,24 @@ class MetaResult(NamedTuple):
 
 def is_chaotic(history: Sequence[float], norm: float, *, threshold: float = 10.0,
                window: int = 10, warmup: int = 3) -> bool:
-    """Whether `norm` exploded: not finite, or larger than `threshold` times the
-    median of the last `window` finite entries of `history` (needs at least
-    `warmup` of them; before that only non-finite norms are flagged)."""
+    """Whether a meta-gradient norm exploded relative to the recent ones.
+
+    Args:
+      history: the previous norms (non-finite entries are ignored).
+      norm: the new norm.
+      threshold: flag a norm above this many times the median.
+      window: the median is taken over the last `window` finite entries of `history`.
+      warmup: entries needed before comparing; before that only non-finite norms are
+        flagged.
+
+    Returns:
+      True if `norm` is not finite or exceeds `threshold` times that median.
+
+    Example:
+        ```python
+        revlearn.meta.is_chaotic([1.0, 1.2, 0.9, 1.1], 50.0)    # True
+        ```
+    """
     if not np.isfinite(norm):
         return True
     past = np.asarray([h for h in list(history)[-window:] if np.isfinite(h)], dtype=float)
@@ -80,7 +95,22 @@ def is_chaotic(history: Sequence[float], norm: float, *, threshold: float = 10.0
 
 def chaos_flags(norms: Sequence[float], *, threshold: float = 10.0, window: int = 10,
                 warmup: int = 3) -> np.ndarray:
-    """`is_chaotic` applied along a whole sequence of norms: bool [len(norms)]."""
+    """`is_chaotic` applied along a whole sequence of norms (each against those before it).
+
+    Args:
+      norms: the meta-gradient norms, in order.
+      threshold: as `is_chaotic`.
+      window: as `is_chaotic`.
+      warmup: as `is_chaotic`.
+
+    Returns:
+      A bool numpy array [len(norms)].
+
+    Example:
+        ```python
+        flags = revlearn.meta.chaos_flags([r["hypergrad_norm"] for r in result.history])
+        ```
+    """
     norms = [float(n) for n in norms]
     return np.array([is_chaotic(norms[:i], n, threshold=threshold, window=window, warmup=warmup)
                      for i, n in enumerate(norms)], dtype=bool)
@@ -161,8 +191,11 @@ def meta_optimize(
         disk (and cannot resume).
       clip: if set, gradients are clipped to this global norm
         (`optax.clip_by_global_norm`) before the optimiser sees them.
-      chaos_threshold, chaos_window, chaos_warmup: the chaos detector (see the
-        module docstring and `is_chaotic`).
+      chaos_threshold: the chaos detector flags a norm above this many times the
+        running median (see the module docstring and `is_chaotic`).
+      chaos_window: how many previous norms the median is taken over.
+      chaos_warmup: iterations before the detector compares (only non-finite norms
+        are flagged before).
       evaluate: optional `evaluate(hypers) -> dict` of extra metrics (train /
         validation / test loss and error, ...) for theta_i, merged into
         record i.
@@ -178,7 +211,24 @@ def meta_optimize(
       A `MetaResult(hypers, opt_state, history, resumed_from)`.
 
     Raises:
-      FloatingPointError: the meta-loss or the hypergradient is not finite.
+      FloatingPointError: the meta-loss or the hypergradient is not finite (the last
+        good checkpoint is kept).
+      ValueError: `iterations` < 0, `clip` <= 0, `resume=True` without a run_dir,
+        non-finite `hypers0`, a checkpoint that does not match these hyperparameters, or
+        a meta-loss that is not a scalar.
+      TypeError: `hypergrad_fn` or `evaluate` returned metrics that are not a dict.
+
+    Example:
+        ```python
+        @jax.jit
+        def hypergrad_fn(hypers, i):
+            loss, grads = jax.value_and_grad(validation_loss)(hypers)
+            return loss, grads, None
+
+        result = revlearn.meta.meta_optimize(hypergrad_fn, {"log_lr": jnp.log(0.1)},
+                                             optax.adam(0.05), 30, RunDir("runs/lr"))
+        result.hypers, result.history[-1]["meta_loss"]
+        ```
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations={iterations!r} must be an int >= 0")

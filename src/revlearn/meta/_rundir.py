@@ -79,9 +79,26 @@ class RunFileError(RunDirError):
 
 
 def to_json(obj: Any) -> Any:
-    """`obj` as plain JSON values: dataclasses and mappings become dicts, tuples
-    lists, numpy/jax scalars Python numbers, small arrays lists; non-finite
-    floats become None (JSON has no NaN). Anything else raises TypeError."""
+    """`obj` as plain JSON values.
+
+    Dataclasses and mappings become dicts, tuples lists, numpy/jax scalars Python
+    numbers, arrays of at most 10,000 elements lists, paths strings; non-finite floats
+    become None (JSON has no NaN).
+
+    Args:
+      obj: the value to convert.
+
+    Returns:
+      Dicts, lists, numbers, strings, booleans and None only.
+
+    Raises:
+      TypeError: an array too large for JSON, or a value of another type.
+
+    Example:
+        ```python
+        json.dumps(revlearn.meta.to_json({"loss": jnp.float32(0.5), "lr": np.ones(3)}))
+        ```
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -139,8 +156,18 @@ def _version(module: str) -> str | None:
 
 
 def environment() -> dict:
-    """Where a run ran: versions, JAX devices, platform, CPU count, git revision
-    of the revlearn source tree (None outside a git checkout), x64 mode."""
+    """Where a run ran, as `env.json` records it.
+
+    Returns:
+      A dict: Python, JAX, jaxlib, numpy, optax and revlearn versions, the JAX backend and
+      devices, x64 mode, platform, machine, CPU count, and the git revision of the revlearn
+      source tree (None outside a git checkout).
+
+    Example:
+        ```python
+        print(revlearn.meta.environment()["jax_devices"])
+        ```
+    """
     package_dir = Path(__file__).resolve().parent.parent
     return {
         "python": sys.version.split()[0],
@@ -188,7 +215,21 @@ def _atomic(path: Path, mode: str = "wb") -> Iterator[Any]:
 
 
 def save_figure(fig, path: str | os.PathLike, *, dpi: int) -> Path:
-    """Write a matplotlib `fig` to `path` (PNG) atomically, like every run file."""
+    """Write a matplotlib figure to a PNG atomically, like every run file.
+
+    Args:
+      fig: a matplotlib figure.
+      path: the PNG's path.
+      dpi: resolution.
+
+    Returns:
+      The path written.
+
+    Example:
+        ```python
+        revlearn.meta.save_figure(fig, run_dir.figures / "meta_curve.png", dpi=120)
+        ```
+    """
     path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -219,6 +260,10 @@ def _path_name(path) -> str:
 class RunDir:
     """A run folder (created if missing). See the module docstring for its layout.
 
+    A writer calls `lock()` and then `begin(record)`; readers (`revlearn plot`)
+    just construct it: `run_id` is read from config.json, so what another run
+    left behind is never taken for this run's.
+
     Args:
       path: the folder.
       resume: whether this run continues the one already in the folder;
@@ -226,9 +271,17 @@ class RunDir:
       progress: whether loops over this run show a progress bar;
         `meta_optimize` reads it when its own `progress` is None.
 
-    A writer calls `lock()` and then `begin(record)`; readers (`revlearn plot`)
-    just construct it: `run_id` is read from config.json, so what another run
-    left behind is never taken for this run's.
+    Raises:
+      RunDirError: the folder cannot be created or is not a folder (one line naming the
+        path and what to do); `lock()` raises `RunDirBusy` while another process holds
+        the folder.
+
+    Example:
+        ```python
+        run_dir = revlearn.meta.RunDir("runs/my-run", resume=True)
+        result = revlearn.meta.meta_optimize(hypergrad_fn, hypers0, optax.adam(0.05), 30,
+                                             run_dir)
+        ```
     """
 
     CONFIG = "config.json"

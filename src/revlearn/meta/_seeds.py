@@ -45,9 +45,23 @@ _DEVICES: contextvars.ContextVar[int | None] = contextvars.ContextVar("revlearn_
 
 @contextlib.contextmanager
 def using_devices(n: int | None) -> Iterator[None]:
-    """Within the block, population axes are split over the first `n` devices (None: all).
+    """Split population axes over the first `n` devices within the block.
+
     It is read when a function is traced: a function jitted and called before keeps the
-    split it was compiled with (jit caches by argument types)."""
+    split it was compiled with (jit caches by argument types).
+
+    Args:
+      n: the number of devices, >= 1 and at most the visible ones; None for all.
+
+    Raises:
+      ValueError: `n` is not a positive int, or more than the visible devices.
+
+    Example:
+        ```python
+        with revlearn.meta.using_devices(2):
+            loss, grads = jax.jit(revlearn.meta.average_over(hypergrad, 8))(hypers, key)
+        ```
+    """
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"devices={n!r}: give a number of devices >= 1, or None for all")
     if n is not None and n > len(jax.devices()):
@@ -61,8 +75,20 @@ def using_devices(n: int | None) -> Iterator[None]:
 
 
 def population_devices(size: int) -> int:
-    """How many devices a population of `size` members is split over: the largest n <= the
-    devices in use that divides `size` (1: not split)."""
+    """How many devices a population of `size` members is split over.
+
+    Args:
+      size: the population's length (seeds, sweep points).
+
+    Returns:
+      The largest n <= the devices in use (`using_devices`) that divides `size`; 1 means
+      not split.
+
+    Example:
+        ```python
+        revlearn.meta.population_devices(8)    # 8 on 8 devices, 1 on one
+        ```
+    """
     n = min(_DEVICES.get() or len(jax.devices()), len(jax.devices()), max(size, 1))
     while n > 1 and size % n:
         n -= 1
@@ -70,10 +96,23 @@ def population_devices(size: int) -> int:
 
 
 def split_population(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """Split the leading axis (the population, the same length in every array of `tree`)
-    over `population_devices(length)` devices. Returns (tree, gather): apply `gather` to
-    the vmapped outputs to bring them back whole to every device before reducing them, so
-    the reduction runs as on one device."""
+    """Split the leading axis (the population) of `tree` over `population_devices(length)`
+    devices, so a `jax.vmap` over it runs 1/n of the members per device.
+
+    Args:
+      tree: a pytree of arrays sharing the leading axis length (the population).
+
+    Returns:
+      `(tree, gather)`: the tree constrained to the split, and `gather`, to apply to the
+      vmapped outputs to bring them back whole to every device before reducing them, so
+      the reduction runs as on one device (the result is the same bit for bit).
+
+    Example:
+        ```python
+        keys, gather = revlearn.meta.split_population(jax.random.split(key, 8))
+        losses = gather(jax.vmap(loss_of_seed)(keys))
+        ```
+    """
     n = population_devices(jax.tree_util.tree_leaves(tree)[0].shape[0])
     if n == 1:
         return tree, lambda out: out
@@ -89,7 +128,23 @@ def split_population(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
 
 
 def iteration_key(seed: int, iteration) -> jax.Array:
-    """`fold_in(PRNGKey(seed), iteration)`: the key of one meta-iteration."""
+    """The key of one meta-iteration: `fold_in(PRNGKey(seed), iteration)`.
+
+    Args:
+      seed: the run's seed.
+      iteration: the meta-iteration index (may be traced).
+
+    Returns:
+      A `jax.random` key; drawing everything random of iteration i from it makes a
+      hypergradient function a pure function of (hypers, i), so runs resume exactly.
+
+    Example:
+        ```python
+        def hypergrad_fn(hypers, i):
+            key = revlearn.meta.iteration_key(0, i)
+            ...
+        ```
+    """
     return jax.random.fold_in(jax.random.PRNGKey(seed), iteration)
 
 
@@ -103,12 +158,24 @@ def average_over(fn: Callable[..., Any], num: int, *, batch_size: int | None = N
         picks the seed, the minibatch order, or both.
       num: K >= 1, the number of keys.
       batch_size: evaluate at most this many keys at once (`jax.lax.map`);
-        None evaluates all K together with `jax.vmap`.
+        None evaluates all K together with `jax.vmap` (split over the devices, see
+        `split_population`).
 
     Returns:
       `avg(hypers, key, *args)`: the same pytree, every leaf the mean over the
       K evaluations (integer and boolean leaves are averaged as floats). Wrap
       it in `jax.jit` yourself.
+
+    Raises:
+      ValueError: `num` or `batch_size` is not a positive int.
+
+    Example:
+        ```python
+        def hypergrad(hypers, key):
+            return jax.value_and_grad(lambda h: meta_fn(train_from(h, key)))(hypers)
+
+        loss, grads = jax.jit(revlearn.meta.average_over(hypergrad, 10))(hypers, key)
+        ```
     """
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise ValueError(f"num={num!r}: the number of seeds to average over must be an int >= 1")

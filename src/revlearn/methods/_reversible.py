@@ -585,6 +585,20 @@ class Reversible:
     Memory per weight: W, each moment, each decay's x and the loops' array of ones (8 bytes
     each, each leaf padded to whole rows of 64), plus the words, sum_t log2(1/d_t) /
     word_bits per decay.
+
+    Raises:
+      ValueError: (at construction) a field out of range, e.g. frac_bits outside [8, 60]
+        or a bound outside (0, 1); (in `train`) a traced decay without a bound.
+      RuntimeError: (in `train`) JAX's 64-bit mode is off.
+      ReversibleError: (in `train`) a fault while training or reversing.
+
+    Example:
+        ```python
+        # the momentum is differentiated, so it is traced: bound it to size the buffer
+        d_m = jax.grad(lambda m: meta_fn(revlearn.sgd(
+            loss_fn, params0, hypers, lr=0.1, momentum=m, steps=1000,
+            method=revlearn.Reversible(min_momentum=0.5))))(0.9)
+        ```
     """
 
     frac_bits: int = 52

@@ -121,7 +121,15 @@ def _raise(p: Prepared, fault, where: str):
 class Unrolled:
     """Reverse-mode autodiff through a scan that stores every step (the reference).
 
-    Memory grows as O(steps * params); use it to check the other methods.
+    Memory grows as O(steps * params); use it to check the other methods, for short runs,
+    and for optax transforms (which need not reverse). Works without 64-bit mode.
+
+    Example:
+        ```python
+        g_unr = jax.grad(lambda lr: meta_fn(revlearn.train(
+            loss_fn, params0, optimizer=revlearn.optim.adam(lr), steps=100,
+            method=revlearn.Unrolled())))(1e-3)
+        ```
     """
 
     def solve(self, p: Prepared):
@@ -138,7 +146,20 @@ class Unrolled:
 class Checkpointed:
     """Store every `every`-th state; recompute the steps between them backwards.
 
-    `every=None` picks ceil(sqrt(steps)), the memory-optimal single level.
+    Memory O((steps / every + every) * params), one extra forward pass of compute.
+
+    Args:
+      every: steps between stored states; None picks ceil(sqrt(steps)), the
+        memory-optimal single level.
+
+    Raises:
+      ValueError: every is not a positive integer.
+
+    Example:
+        ```python
+        w_T = revlearn.train(loss_fn, params0, optimizer=optax.adamw(1e-3), steps=10_000,
+                             method=revlearn.Checkpointed(every=100))
+        ```
     """
 
     every: int | None = None

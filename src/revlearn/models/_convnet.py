@@ -51,11 +51,26 @@ def convnet_init(
       channels: output channels of each convolution.
       kernel: square kernel size.
       n_out: number of classes.
-      image_size, in_channels: input images are ``[image_size, image_size,
-        in_channels]``, flattened in the input.
+      image_size: input images are ``[image_size, image_size, in_channels]``,
+        flattened in the input.
+      in_channels: see ``image_size``.
       stride: stride of every convolution (``SAME`` padding).
       scale: ``None`` (``w ~ N(0, 1/fan_in)``, ``b = 0``) or a scalar std for all.
       dtype: float dtype; ``None`` is JAX's default float.
+
+    Returns:
+      The layers: ``len(channels)`` convolutions ``{"w": [k, k, c_in, c_out], "b":
+      [c_out]}`` (HWIO), then the dense layer ``{"w": [n_flat, n_out], "b": [n_out]}``.
+
+    Raises:
+      ValueError: no channels or a non-positive one, ``kernel`` or ``stride`` < 1, or a
+        non-float ``dtype``.
+
+    Example:
+        ```python
+        params0 = revlearn.models.convnet_init(jax.random.PRNGKey(0), channels=(8, 16))
+        log_probs = revlearn.models.convnet_apply(params0, x)      # x: [batch, 784]
+        ```
     """
     channels = list(channels)
     if not channels or any(int(c) < 1 for c in channels):
@@ -89,8 +104,25 @@ def convnet_init(
 
 
 def convnet_apply(params: list[dict], x: jax.Array, stride: int = 2) -> jax.Array:
-    """Log-probabilities ``[batch, n_out]`` of flattened square images
-    ``x`` ``[batch, side * side * in_channels]``; ``stride`` must match init."""
+    """The convnet's forward pass on flattened square images.
+
+    Args:
+      params: the layers, as `convnet_init` returns them.
+      x: images ``[batch, side * side * in_channels]``, flattened.
+      stride: the convolutions' stride; must match `convnet_init`'s.
+
+    Returns:
+      Log-probabilities ``[batch, n_out]``.
+
+    Raises:
+      ValueError: ``x`` is not a square image with the channels of ``params``, or the
+        stride or image size differ from the ones ``params`` was built for.
+
+    Example:
+        ```python
+        loss = revlearn.models.nll(revlearn.models.convnet_apply(params, xb), yb)
+        ```
+    """
     in_channels = params[0]["w"].shape[2]
     side = int(round(np.sqrt(x.shape[-1] // in_channels)))
     if side * side * in_channels != x.shape[-1]:

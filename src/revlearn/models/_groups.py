@@ -29,27 +29,66 @@ def _key_name(k) -> str:
 
 
 def param_groups(params):
-    """The same structure as ``params`` with each leaf replaced by its group
-    name: list positions become ``layer<i>``, dict keys stay, joined by ``/``."""
+    """The group name of every leaf: list positions become ``layer<i>``, dict keys stay,
+    joined by ``/``.
+
+    Args:
+      params: a pytree of arrays (e.g. an MLP from `mlp_init`).
+
+    Returns:
+      A pytree of ``params``' structure holding strings, e.g.
+      ``[{"w": "layer0/w", "b": "layer0/b"}, ...]``.
+
+    Example:
+        ```python
+        revlearn.models.param_groups(mlp_init(key, [784, 10]))   # [{'w': 'layer0/w', 'b': 'layer0/b'}]
+        ```
+    """
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "/".join(_key_name(k) for k in path), params
     )
 
 
 def per_group(params, fn: Callable[[str, jax.Array], object]):
-    """``fn(group_name, leaf)`` at every leaf of ``params``, same structure."""
+    """``fn(group_name, leaf)`` at every leaf of ``params``.
+
+    Args:
+      params: a pytree of arrays.
+      fn: ``fn(group_name, leaf) -> value``, group names as in `param_groups`.
+
+    Returns:
+      A pytree of ``params``' structure holding the values.
+
+    Example:
+        ```python
+        lr = revlearn.models.per_group(params, lambda g, w: 0.1 if g.endswith("/w") else 0.5)
+        ```
+    """
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: fn("/".join(_key_name(k) for k in path), leaf), params
     )
 
 
 def group_schedule(params, values_by_type: Mapping[str, object]):
-    """One hyperparameter per group, chosen by the group's type (last name part).
+    """One hyperparameter per group, chosen by the group's type (the last name part).
 
-    ``group_schedule(params, {"w": jnp.full(steps, 0.1), "b": jnp.full(steps,
-    0.5)})`` gives every weight matrix its own ``[steps]`` schedule starting at
-    0.1 and every bias one at 0.5; the result has ``params``' structure and is
-    what a per-layer, per-type schedule optimises.
+    Args:
+      params: a pytree of arrays (an MLP: types ``"w"`` and ``"b"``).
+      values_by_type: type -> value (a scalar, a ``[steps]`` schedule, ...).
+
+    Returns:
+      A pytree of ``params``' structure: what a per-layer, per-type schedule
+      optimises, and a valid hyperparameter of every `revlearn.optim` rule.
+
+    Raises:
+      ValueError: a parameter type has no entry in ``values_by_type``.
+
+    Example:
+        ```python
+        lr = revlearn.models.group_schedule(params, {"w": jnp.full(steps, 0.1),
+                                                     "b": jnp.full(steps, 0.5)})
+        revlearn.train(loss_fn, params, optimizer=revlearn.optim.momentum(lr, 0.9), steps=steps)
+        ```
     """
 
     def pick(name, _):

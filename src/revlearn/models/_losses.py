@@ -18,8 +18,24 @@ __all__ = ["nll", "l2_penalty", "error_rate"]
 
 
 def nll(log_probs: jax.Array, onehot: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood (scalar) of ``onehot`` ``[batch, k]`` under
-    ``log_probs`` ``[batch, k]``."""
+    """Mean negative log-likelihood of one-hot labels under log-probabilities.
+
+    Args:
+      log_probs: ``[batch, n_classes]``, e.g. from `mlp_apply`.
+      onehot: one-hot labels ``[batch, n_classes]`` (float).
+
+    Returns:
+      A scalar, ``-mean_n sum_k onehot[n, k] log_probs[n, k]``.
+
+    Raises:
+      ValueError: the two shapes differ (e.g. integer labels: one-hot encode them with
+        ``jax.nn.one_hot``).
+
+    Example:
+        ```python
+        loss = revlearn.models.nll(revlearn.models.mlp_apply(params, x), y_onehot)
+        ```
+    """
     if log_probs.shape != onehot.shape:
         raise ValueError(
             f"log_probs {log_probs.shape} and onehot {onehot.shape} must have "
@@ -42,6 +58,15 @@ def l2_penalty(params, lam) -> jax.Array:
 
     Returns:
       A scalar.
+
+    Raises:
+      ValueError: ``lam`` is not a pytree prefix of ``params``.
+
+    Example:
+        ```python
+        def loss_fn(params, hypers, step):
+            return nll(mlp_apply(params, xb), yb) + l2_penalty(params, jnp.exp(hypers["log_l2"]))
+        ```
     """
     try:
         per_node = jax.tree.map(
@@ -59,9 +84,20 @@ def l2_penalty(params, lam) -> jax.Array:
 
 
 def error_rate(log_probs: jax.Array, labels: jax.Array) -> jax.Array:
-    """Fraction of ``argmax(log_probs)`` that differ from the labels.
+    """Fraction of examples whose ``argmax(log_probs)`` differs from the label.
 
-    ``labels`` are integers ``[batch]`` or one-hot ``[batch, k]``."""
+    Args:
+      log_probs: ``[batch, n_classes]`` log-probabilities (or any scores).
+      labels: integer labels ``[batch]`` or one-hot ``[batch, n_classes]``.
+
+    Returns:
+      A scalar in [0, 1].
+
+    Example:
+        ```python
+        test_error = revlearn.models.error_rate(mlp_apply(w_T, x_test), y_test)
+        ```
+    """
     if labels.ndim == log_probs.ndim:
         labels = jnp.argmax(labels, axis=-1)
     return jnp.mean(jnp.argmax(log_probs, axis=-1) != labels)

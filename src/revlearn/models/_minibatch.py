@@ -40,7 +40,27 @@ def _as_key(key_or_seed):
 
 
 def batch_indices(n: int, batch_size: int, step, key_or_seed) -> jax.Array:
-    """The int ``[batch_size]`` indices of the examples of minibatch ``step``."""
+    """The indices of the examples of minibatch ``step`` (see the module docstring).
+
+    Args:
+      n: the number of examples.
+      batch_size: the minibatch size, 1 <= batch_size <= n.
+      step: the step index (may be traced).
+      key_or_seed: a ``jax.random`` key (may be vmapped) or an integer seed.
+
+    Returns:
+      An int array ``[batch_size]``; the same ``(key, step)`` always gives the same
+      indices, and each epoch of ``n // batch_size`` steps visits distinct examples.
+
+    Raises:
+      ValueError: ``batch_size`` outside [1, n], or ``key_or_seed`` neither a key nor
+        an integer.
+
+    Example:
+        ```python
+        idx = revlearn.models.batch_indices(1000, 100, step, 0)
+        ```
+    """
     if not 1 <= batch_size <= n:
         raise ValueError(
             f"batch_size={batch_size} must be between 1 and the number of "
@@ -54,8 +74,30 @@ def batch_indices(n: int, batch_size: int, step, key_or_seed) -> jax.Array:
 
 
 def minibatch(x: jax.Array, y: jax.Array, batch_size: int, step, key_or_seed):
-    """Minibatch ``step`` of ``(x, y)``: ``(x[idx], y[idx])`` with ``idx`` from
-    :func:`batch_indices`. ``x`` ``[n, ...]`` and ``y`` ``[n, ...]``."""
+    """Minibatch ``step`` of ``(x, y)``, a pure function of ``(key, step)``, as exact
+    reversal needs.
+
+    Args:
+      x: inputs ``[n, ...]``.
+      y: targets ``[n, ...]``.
+      batch_size: the minibatch size, 1 <= batch_size <= n.
+      step: the step index (may be traced: the ``step`` argument of ``loss_fn``).
+      key_or_seed: a ``jax.random`` key or an integer seed.
+
+    Returns:
+      ``(x[idx], y[idx])`` with ``idx`` from `batch_indices`.
+
+    Raises:
+      ValueError: ``x`` and ``y`` hold different numbers of examples, or as
+        `batch_indices`.
+
+    Example:
+        ```python
+        def loss_fn(params, hypers, step):
+            xb, yb = revlearn.models.minibatch(x, y, 100, step, 0)
+            return revlearn.models.nll(revlearn.models.mlp_apply(params, xb), yb)
+        ```
+    """
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"x has {x.shape[0]} examples but y has {y.shape[0]}; they must match"

@@ -55,11 +55,23 @@ def mlp_init(key, sizes: Sequence[int], scale=None, dtype=None) -> list[dict]:
       sizes: layer widths ``[n_in, hidden..., n_out]``, at least two.
       scale: ``None`` (``w ~ N(0, 1/n_in)``, ``b = 0``), a scalar (the same
         std for every weight and bias), or one ``(w_scale, b_scale)`` pair per
-        layer (a sequence, or an array ``[n_layers, 2]``).
+        layer (a sequence, or an array ``[n_layers, 2]``). May be traced, so the
+        initial scale can be a hyperparameter.
       dtype: float dtype; ``None`` is JAX's default float.
 
     Returns:
       ``[{"w": [sizes[l], sizes[l+1]], "b": [sizes[l+1]]} for each layer]``.
+
+    Raises:
+      ValueError: fewer than two sizes or a non-positive width, a ``scale`` with the
+        wrong number of layers or not a pair per layer, or a non-float ``dtype``.
+
+    Example:
+        ```python
+        params0 = revlearn.models.mlp_init(jax.random.PRNGKey(0), [784, 50, 10],
+                                           dtype=jnp.float64)
+        log_probs = revlearn.models.mlp_apply(params0, x)      # [batch, 10]
+        ```
     """
     sizes = list(sizes)
     if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
@@ -82,7 +94,20 @@ def mlp_init(key, sizes: Sequence[int], scale=None, dtype=None) -> list[dict]:
 
 
 def mlp_apply(params: list[dict], x: jax.Array) -> jax.Array:
-    """Log-probabilities ``[batch, n_out]`` of inputs ``x`` ``[batch, n_in]``."""
+    """The MLP's forward pass: tanh hidden layers, log-softmax output.
+
+    Args:
+      params: the layers, as `mlp_init` returns them.
+      x: inputs ``[batch, n_in]``.
+
+    Returns:
+      Log-probabilities ``[batch, n_out]``.
+
+    Example:
+        ```python
+        loss = revlearn.models.nll(revlearn.models.mlp_apply(params, x), y_onehot)
+        ```
+    """
     h = x
     for layer in params[:-1]:
         h = jnp.tanh(h @ layer["w"] + layer["b"])
@@ -91,11 +116,29 @@ def mlp_apply(params: list[dict], x: jax.Array) -> jax.Array:
 
 
 def logistic_init(key, n_in: int = 784, n_out: int = 10, scale=0.0, dtype=None) -> list[dict]:
-    """Logistic regression: ``mlp_init(key, [n_in, n_out], scale, dtype)``.
+    """Logistic regression's parameters: ``mlp_init(key, [n_in, n_out], scale, dtype)``.
 
-    The default ``scale=0.0`` starts from zero weights (the loss is convex)."""
+    Args:
+      key: a ``jax.random`` key.
+      n_in: input size.
+      n_out: number of classes.
+      scale: as in `mlp_init`; the default ``0.0`` starts from zero weights (the loss is
+        convex).
+      dtype: float dtype; ``None`` is JAX's default float.
+
+    Returns:
+      ``[{"w": [n_in, n_out], "b": [n_out]}]``, applied by `logistic_apply`.
+
+    Raises:
+      ValueError: as `mlp_init`.
+
+    Example:
+        ```python
+        params0 = revlearn.models.logistic_init(jax.random.PRNGKey(0), dtype=jnp.float64)
+        ```
+    """
     return mlp_init(key, [n_in, n_out], scale=scale, dtype=dtype)
 
 
-#: Logistic regression's forward pass: ``log_softmax(x @ w + b)``.
 logistic_apply = mlp_apply
+"""Logistic regression's forward pass, ``log_softmax(x @ w + b)`` (it is `mlp_apply`)."""

@@ -83,15 +83,39 @@ class Adam(Rule):
 def adam(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0) -> Adam:
     """Adam (weight_decay = 0) or AdamW (decoupled weight decay), as optax.adam/optax.adamw.
 
+        m <- b1 m + (1 - b1) g;  s <- b2 s + (1 - b2) g^2
+        w <- (1 - lr wd) w - lr m_hat / (sqrt(s_hat) + eps)   (bias-corrected m_hat, s_hat)
+
     Args:
       lr: the learning rate: a scalar, a [steps] schedule, or a pytree prefix of params0
         whose leaves are scalars, [steps] schedules, per-weight arrays or [steps, *shape].
-      b1, b2: the moments' decays in (0, 1), same shapes; applied as round(b 2^24) / 2^24.
+      b1: the first moment's decay in (0, 1), same shapes; applied as
+        round(b1 2^24) / 2^24.
+      b2: the second moment's decay in (0, 1), same shapes and grid as b1.
       eps: > 0, added to sqrt(s_hat), same shapes.
       weight_decay: >= 0, same shapes; w is multiplied by 1 - lr wd each step, applied as
-        round((1 - lr wd) 2^32) / 2^32.
+        round((1 - lr wd) 2^32) / 2^32. The Python number 0 (the default) turns it off
+        and is not differentiated.
 
-    The state is `AdamState(count, m, s)`; `count` continues the bias corrections when a
-    run starts from the state another returned.
+    Returns:
+      An `Adam` rule (a pytree of its hyperparameters) for `revlearn.train`'s
+      `optimizer=`. Its state is `AdamState(count, m, s)`; `count` continues the bias
+      corrections when a run starts from the state another returned.
+
+    Raises:
+      ValueError: (from `train`, before anything runs) b1 or b2 outside (0, 1) on their
+        grid, eps <= 0, a negative weight decay, a non-finite value, or a shape that fits
+        neither `steps` nor params0.
+
+    Example:
+        ```python
+        opt = revlearn.optim.adam(1e-3, b1=0.9, weight_decay=1e-4)      # AdamW
+        w_T, state = revlearn.train(loss_fn, params0, optimizer=opt, steps=100,
+                                    return_state=True)
+        # differentiate w.r.t. b1: Reversible needs a lower bound to size its buffer
+        d_b1 = jax.grad(lambda b1: meta_fn(revlearn.train(
+            loss_fn, params0, optimizer=revlearn.optim.adam(1e-3, b1=b1), steps=100,
+            method=revlearn.Reversible(min_decay={"b1": 0.5}))))(0.9)
+        ```
     """
     return Adam(lr, b1, b2, eps, weight_decay)

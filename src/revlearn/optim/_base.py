@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .. import _pytrees
 from ..exact._grid import Grid
 
 
@@ -133,8 +134,9 @@ class Rule:
     # ---- generic parts ----
 
     def init(self, params) -> Any:
-        """The initial state: zero moments like params (and count 0)."""
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        """The initial state: zero moments like params (and count 0); for an Equinox module,
+        like its trained part (`eqx.filter(params, eqx.is_inexact_array)`)."""
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, _pytrees.trained(params))
         fields = {m.name: zeros for m in self.moments}
         if self.counted:
             fields["count"] = jnp.zeros((), jnp.int32)

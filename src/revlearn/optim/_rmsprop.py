@@ -57,15 +57,33 @@ class RMSPropMomentum(Rule):
 
 
 def rmsprop_momentum(lr, decay=0.9, momentum=0.9, eps=1e-8) -> RMSPropMomentum:
-    """RMSProp with momentum: s <- decay s + (1 - decay) g^2; v <- momentum v - lr g / (sqrt(s) + eps);
-    w <- w + v.
+    """RMSProp with momentum (the reversible form: the weight update reads only v).
+
+        s <- decay s + (1 - decay) g^2
+        v <- momentum v - lr g / (sqrt(s) + eps)
+        w <- w + v
 
     Args:
       lr: the learning rate: a scalar, a [steps] schedule, or a pytree prefix of params0
         whose leaves are scalars, [steps] schedules, per-weight arrays or [steps, *shape].
-      decay, momentum: in (0, 1), same shapes; applied as round(x 2^24) / 2^24.
+      decay: the mean square's decay in (0, 1), same shapes; applied as
+        round(decay 2^24) / 2^24.
+      momentum: the velocity's decay in (0, 1), same shapes and grid as decay.
       eps: > 0, same shapes.
 
-    The state is `RMSPropMomentumState(s, v)`.
+    Returns:
+      An `RMSPropMomentum` rule for `revlearn.train`'s `optimizer=`; its state is
+      `RMSPropMomentumState(s, v)`.
+
+    Raises:
+      ValueError: (from `train`, before anything runs) a decay outside (0, 1) on its
+        grid, eps <= 0, a non-finite value, or a shape that fits neither `steps` nor
+        params0.
+
+    Example:
+        ```python
+        opt = revlearn.optim.rmsprop_momentum(1e-3, decay=0.9, momentum=0.9)
+        w_T = revlearn.train(loss_fn, params0, hypers, optimizer=opt, steps=100)
+        ```
     """
     return RMSPropMomentum(lr, decay, momentum, eps)

@@ -37,7 +37,25 @@ def _check(steps, n, what):
 
 
 def fourier_basis(steps: int, n_freq: int, dtype=None) -> jnp.ndarray:
-    """The first ``n_freq`` orthonormal DCT-II vectors, ``[steps, n_freq]``."""
+    """The first ``n_freq`` orthonormal DCT-II vectors (see the module docstring).
+
+    Args:
+      steps: the schedule's length T.
+      n_freq: the number of basis vectors, 1 <= n_freq <= steps.
+      dtype: the array's dtype (JAX's default float if None).
+
+    Returns:
+      ``B`` ``[steps, n_freq]`` with ``B^T B = I``.
+
+    Raises:
+      ValueError: steps < 1 or n_freq outside [1, steps].
+
+    Example:
+        ```python
+        B = revlearn.spaces.fourier_basis(100, 8)
+        lr = jnp.exp(revlearn.spaces.smooth_schedule(coeffs, B))   # [100], smooth
+        ```
+    """
     _check(steps, n_freq, "n_freq")
     t = np.arange(steps)[:, None] + 0.5
     k = np.arange(n_freq)[None, :]
@@ -47,8 +65,26 @@ def fourier_basis(steps: int, n_freq: int, dtype=None) -> jnp.ndarray:
 
 
 def piecewise_linear_basis(steps: int, n_knots: int, dtype=None) -> jnp.ndarray:
-    """Hat functions at ``n_knots`` knots evenly spaced over ``[0, steps-1]``,
-    ``[steps, n_knots]``; ``n_knots=1`` is the constant schedule."""
+    """Hat functions at ``n_knots`` knots evenly spaced over ``[0, steps - 1]``.
+
+    Args:
+      steps: the schedule's length T.
+      n_knots: the number of knots, 1 <= n_knots <= steps; 1 is the constant schedule.
+      dtype: the array's dtype (JAX's default float if None).
+
+    Returns:
+      ``B`` ``[steps, n_knots]`` whose rows sum to one: the coefficients are the
+      schedule's values at the knots.
+
+    Raises:
+      ValueError: steps < 1 or n_knots outside [1, steps].
+
+    Example:
+        ```python
+        B = revlearn.spaces.piecewise_linear_basis(100, 5)
+        schedule = revlearn.spaces.smooth_schedule(jnp.array([0.1, 0.5, 0.5, 0.2, 0.05]), B)
+        ```
+    """
     _check(steps, n_knots, "n_knots")
     if n_knots == 1:
         return jnp.ones((steps, 1), dtype=dtype)
@@ -60,7 +96,24 @@ def piecewise_linear_basis(steps: int, n_knots: int, dtype=None) -> jnp.ndarray:
 
 
 def smooth_schedule(coeffs, basis) -> jnp.ndarray:
-    """``basis @ coeffs``: ``[steps, n] x [n, ...] -> [steps, ...]``."""
+    """The schedule ``basis @ coeffs`` (contracting the first axis of ``coeffs``).
+
+    Args:
+      coeffs: ``[n, ...]`` coefficients (the hyperparameters optimised).
+      basis: ``[steps, n]``, from `fourier_basis` or `piecewise_linear_basis`.
+
+    Returns:
+      The schedule ``[steps, ...]``.
+
+    Raises:
+      ValueError: ``coeffs`` has not one row per basis function.
+
+    Example:
+        ```python
+        B = revlearn.spaces.fourier_basis(100, 8)
+        log_lr = revlearn.spaces.smooth_schedule(c, B)          # c: [8] -> [100]
+        ```
+    """
     if coeffs.shape[0] != basis.shape[1]:
         raise ValueError(
             f"coeffs has {coeffs.shape[0]} rows but basis {basis.shape} has "
@@ -70,8 +123,24 @@ def smooth_schedule(coeffs, basis) -> jnp.ndarray:
 
 
 def fit_coeffs(schedule, basis) -> jnp.ndarray:
-    """Least-squares coefficients ``c`` with ``basis @ c ~= schedule``
-    (e.g. to start from a constant schedule): ``[steps, ...] -> [n, ...]``."""
+    """Least-squares coefficients ``c`` with ``basis @ c ~= schedule``.
+
+    Args:
+      schedule: ``[steps, ...]``, e.g. a constant schedule to start from.
+      basis: ``[steps, n]``.
+
+    Returns:
+      ``c`` ``[n, ...]``.
+
+    Raises:
+      ValueError: ``schedule`` and ``basis`` have different numbers of steps.
+
+    Example:
+        ```python
+        B = revlearn.spaces.fourier_basis(100, 8)
+        c0 = revlearn.spaces.fit_coeffs(jnp.full(100, jnp.log(0.1)), B)
+        ```
+    """
     if schedule.shape[0] != basis.shape[0]:
         raise ValueError(
             f"schedule has {schedule.shape[0]} steps but basis {basis.shape} has "

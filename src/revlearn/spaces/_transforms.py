@@ -54,6 +54,7 @@ class Space(NamedTuple):
 
 
 log_space = Space("log", jnp.exp, jnp.log, lambda x: x > 0, "(0, inf)")
+"""Positive hyperparameters (learning rates, L2 strengths): x = exp(u)."""
 logit_space = Space(
     "logit",
     jax.nn.sigmoid,
@@ -61,17 +62,36 @@ logit_space = Space(
     lambda p: (p > 0) & (p < 1),
     "(0, 1)",
 )
+"""Hyperparameters in (0, 1) (momenta, decays): x = sigmoid(u)."""
 identity = Space(
     "identity", lambda u: u, lambda x: x, lambda x: jnp.isfinite(x), "(-inf, inf)"
 )
+"""Unconstrained hyperparameters: x = u."""
 
-#: Prefix -> space. Names without one of these prefixes are identity.
 SPACES: dict[str, Space] = {"log": log_space, "logit": logit_space}
+"""Prefix -> space (``log_lr`` is in `log_space`); names without one of these prefixes
+are `identity`."""
 
 
 def space_of(name: str) -> tuple[Space, str]:
-    """``(space, constrained_name)`` for a stored name: ``"log_lr"`` ->
-    ``(log_space, "lr")``; a name without a known prefix -> ``(identity, name)``."""
+    """The space a stored name is in, and the constrained name.
+
+    Args:
+      name: a stored hyperparameter name, e.g. ``"log_lr"``.
+
+    Returns:
+      ``(space, constrained_name)``: ``"log_lr"`` -> ``(log_space, "lr")``; a name
+      without a known prefix -> ``(identity, name)``.
+
+    Raises:
+      ValueError: ``name`` is not a string, or is a prefix with nothing after it
+        (``"log_"``).
+
+    Example:
+        ```python
+        space, name = revlearn.spaces.space_of("logit_momentum")   # (logit_space, "momentum")
+        ```
+    """
     if not isinstance(name, str):
         raise ValueError(f"hyperparameter names must be strings, got {name!r}")
     prefix, sep, rest = name.partition("_")
@@ -99,8 +119,26 @@ def _lookup(space) -> Space:
 
 
 def constrain(tree: Mapping) -> dict:
-    """Map stored (unconstrained) hyperparameters to their constrained values,
-    dropping the space prefix from each name."""
+    """Map stored (unconstrained) hyperparameters to their constrained values, dropping
+    the space prefix from each name.
+
+    Args:
+      tree: ``{stored name: value or pytree}``, e.g. ``{"log_lr": u}``.
+
+    Returns:
+      ``{constrained name: value}``, e.g. ``{"lr": exp(u)}``; pytrees are mapped leaf
+      by leaf.
+
+    Raises:
+      ValueError: two stored names constrain to the same name (``"lr"`` and
+        ``"log_lr"``), or a name as `space_of` refuses.
+
+    Example:
+        ```python
+        h = revlearn.spaces.constrain({"log_lr": jnp.log(0.1), "logit_momentum": 2.2})
+        opt = revlearn.optim.momentum(h["lr"], h["momentum"])
+        ```
+    """
     out, origin = {}, {}
     for name, value in tree.items():
         space, plain = space_of(name)
@@ -118,18 +156,27 @@ def _is_concrete(x) -> bool:
 
 
 def unconstrain(values: Mapping, spaces: Mapping) -> dict:
-    """Inverse of :func:`constrain`: store ``values`` in the given spaces.
+    """Inverse of `constrain`: store ``values`` in the given spaces.
 
     Args:
       values: ``{name: constrained value or pytree}``.
       spaces: ``{name: "log" | "logit" | "identity" | Space}`` for some names;
-        the rest are identity. ``unconstrain({"lr": 0.1}, {"lr": "log"})`` is
-        ``{"log_lr": log(0.1)}``.
+        the rest are identity.
+
+    Returns:
+      ``{stored name: unconstrained value}``, e.g. ``{"log_lr": log(0.1)}``.
 
     Raises:
       ValueError: an unknown space, a space name for a missing value, or a
         concrete value outside its space's domain (e.g. a momentum of exactly
         1.0, whose logit is infinite).
+
+    Example:
+        ```python
+        theta0 = revlearn.spaces.unconstrain({"lr": 0.1, "momentum": 0.9},
+                                             {"lr": "log", "momentum": "logit"})
+        # {"log_lr": -2.30, "logit_momentum": 2.20}
+        ```
     """
     unknown = set(spaces) - set(values)
     if unknown:

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import revlearn
-from revlearn import experiments
+from revlearn import experiments, spaces
 from revlearn.cli import main
 from revlearn.experiments import schedules as sch
 
@@ -28,44 +28,43 @@ from revlearn.experiments import schedules as sch
 def test_adam_configuration():
     exp = experiments.get("adam-schedules")
     assert exp.Config is sch.AdamConfig and exp.smoke == sch.ADAM_SMOKE
-    c = sch.AdamConfig().resolved()
-    assert (c.optimizer, c.sizes, c.steps, c.meta_iterations) == (
-        "adam", (784, 50, 50, 50, 10), 100, 50)
+    c = sch.AdamConfig()
+    assert (c.DECAY, c.sizes, c.steps, c.meta_iterations) == (
+        "b1", (784, 50, 50, 50, 10), 100, 50)
     theta = sch.initial_hypers(c)
     assert set(theta) == {"log_lr", "logit_b1", "log_scale"}
     assert sum(x.size for x in jax.tree_util.tree_leaves(theta)) == 1608
-    h = sch.constrained(theta)
+    h = spaces.constrain(theta)
     np.testing.assert_allclose(h["lr"][1]["w"], np.full(100, 1e-3))
     np.testing.assert_allclose(h["b1"][3]["b"], np.full(100, 0.9))
     # the SGD experiment keeps its own defaults
-    assert sch.Config().resolved().init_log_lr == -1.0
+    assert sch.Config().init_log_lr == -1.0
     assert set(sch.initial_hypers(sch.Config())) == {"log_lr", "logit_momentum", "log_scale"}
-    with pytest.raises(ValueError, match="min_b1"):
-        sch.AdamConfig(init_b1=0.05)
-    with pytest.raises(ValueError, match="min_b1"):
-        sch.AdamConfig(min_b1=0.01)  # min_b1 / 2 would fall off b1's grid (>= 2^-7)
+    with pytest.raises(ValueError, match="init_decay"):
+        sch.AdamConfig(init_decay=0.05)
+    with pytest.raises(ValueError, match="min_decay"):
+        sch.AdamConfig(min_decay=0.01)  # min_decay / 2 would fall off b1's grid (>= 2^-7)
     with pytest.raises(ValueError, match="b2"):
         sch.AdamConfig(b2=1.0)
-    sch.AdamConfig(init_momentum=0.05)  # momentum settings do not apply to Adam
+    sch.Config(min_decay=0.01, init_decay=0.05)  # momentum's grid is finer
 
 
 def test_projection_keeps_b1_above_the_bound():
     theta = sch.initial_hypers(sch.AdamConfig(sizes=(784, 10), steps=5))
-    tx = optax.chain(optax.adam(0.5), sch.keep_logit_in("logit_b1", 0.1, sch.MAX_MOMENTUM))
+    tx = optax.chain(optax.adam(0.5), sch.keep_logit_in("logit_b1", 0.1, sch.MAX_DECAY))
     state = tx.init(theta)
     grads = jax.tree_util.tree_map(jnp.ones_like, theta)  # pushes b1 down
     for _ in range(30):
         updates, state = tx.update(grads, state, theta)
         theta = optax.apply_updates(theta, updates)
-    np.testing.assert_allclose(sch.constrained(theta)["b1"][0]["b"], 0.1, rtol=1e-12)
+    np.testing.assert_allclose(spaces.constrain(theta)["b1"][0]["b"], 0.1, rtol=1e-12)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     config = sch.AdamConfig(sizes=(784, 6, 10), steps=6, n_average=2, n_train=60,
-                            batch_size=20, init_log_lr=math.log(0.01), init_b1=0.8)
-    data = sch._splits(config)
-    static = sch._Static.of(config)
+                            batch_size=20, init_log_lr=math.log(0.01), init_decay=0.8)
+    data, static = sch._data(config), config.program()
     theta = sch.initial_hypers(config)
     leaves, tdef = jax.tree_util.tree_flatten(theta)
     keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
@@ -120,7 +119,7 @@ def test_adam_curve_matches_reversible_training(tiny):
     loss = sch._hypergrad(theta, key, data, static)[0]  # compiled above: a cache hit
     finals = []
     for k in jax.random.split(key, static.n_average):
-        curve, final = sch._curve(theta, k, data, static)
+        curve, final = sch._curve(theta, k, data, static, 1)
         assert curve.shape == (static.steps + 1,) and np.all(np.isfinite(curve))
         finals.append(final["train_loss"])
     # float Adam against fixed-point Adam: equal up to the fixed point's rounding
@@ -132,16 +131,17 @@ def test_smoke_run_records_the_adam_schedules(tmp_path, capsys):
     assert main(["run", "adam-schedules", "--smoke", "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["optimizer"] == "adam" and "grad_b1_w_first5" in summary
+    assert "grad_logit_b1_w_first5" in summary
     assert summary["n_hyperparameters"] == 2 * 2 * 6 + 2
     res = revlearn.meta.RunDir(out).load_arrays("results")
     c = sch.ADAM_SMOKE
     for tag in ("initial", "learned"):
         for t in ("w", "b"):
-            b1 = res[f"b1_{tag}_0{t}"]
-            assert b1.shape == (c.steps,) and np.all((b1 >= c.min_b1) & (b1 < 1))
-        assert np.all(np.isfinite(res[f"curve_{tag}"]))
-    np.testing.assert_allclose(res["lr_initial_0w"], 1e-3)
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == c.meta_iterations
-    assert {p.name for p in (out / "figures").glob("*.png")} >= {
-        "schedules.png", "learning_curves.png", "meta_gradient.png", "meta_curve.png"}
+            b1 = res[f"{tag}/b1/0/{t}"]
+            assert b1.shape == (c.steps,) and np.all((b1 >= c.min_decay) & (b1 < 1))
+        assert np.all(np.isfinite(res[f"{tag}/curve"]))
+    np.testing.assert_allclose(res["initial/lr/0/w"], 1e-3)
+    records = revlearn.meta.RunDir(out).read_metrics()
+    assert len(records) == c.meta_iterations and "scale_0w" in records[0]
+    assert {p.name for p in (out / "figures").glob("*.png")} == {
+        "schedules.png", "learning_curves.png", "meta_gradient.png", "initial_scales.png"}

@@ -1,44 +1,35 @@
-"""Learning-rate and momentum schedules (paper figures 2 and 3): per step, per
-layer and per parameter type, plus per-layer initial scales, learned by
-hypergradient descent through exactly reversible SGD, or (`optimizer="adam"`,
-the `adam-schedules` experiment) through exactly reversible Adam.
+"""Learning-rate and momentum schedules and initial scales (paper figures 2-5): per
+step, per layer and per parameter type, learned by hypergradient descent through
+exactly reversible SGD with momentum (`schedules`) or Adam (`adam-schedules`).
 
-Model: tanh MLP `sizes` (784-50-50-50-10), layers l = 0 .. L-1, types
-tau in {w, b}. Hyperparameters, stored unconstrained (1,608 for the default net
-and 100 steps: 2 x 4 x 2 x 100 + 8):
+Model: tanh MLP `sizes` (784-50-50-50-10), layers l = 0 .. L-1, types tau in
+{w, b}; inputs x = pixel / 255, minus the training set's mean image (`center`).
+Hyperparameters, stored unconstrained (1,608 for the default net and T = 100:
+2 x 4 x 2 x 100 + 8):
 
     log_lr[l][tau]          [T]  alpha_{t,l,tau} = exp(.)
-    logit_momentum[l][tau]  [T]  gamma_{t,l,tau} = sigmoid(.)  (kept in [min_momentum, 1 - 2^-12])
-      (Adam: logit_b1[l][tau] [T], beta1_{t,l,tau} = sigmoid(.), kept in [min_b1, 1 - 2^-12])
+    logit_momentum[l][tau]  [T]  gamma_{t,l,tau} = sigmoid(.)   in [min_decay, 1 - 2^-12]
+      (Adam: logit_b1[l][tau] [T], beta1_{t,l,tau} = sigmoid(.)  in [min_decay, 1 - 2^-12])
     log_scale[l][tau]       ()   s_{l,tau} = exp(.)
 
-Meta-iteration i draws key_i = iteration_key(seed, i) and, for each of the K
-keys k of `split(key_i, K)` (K = n_average; 1 in mode "learn"), a new initial
-draw and minibatch order:
+Meta-iteration i draws key_i = iteration_key(seed, i) and, for each of the K keys
+k of split(key_i, K) (K = n_average), an initial draw and a minibatch order:
 
-    w_0 = s_{l,tau} * N(0, I)                                 (reparameterised)
+    w_0 = s_{l,tau} * N(0, I)
     v_{t+1} = gamma_t v_t - (1 - gamma_t) grad NLL(w_t; batch_t),  w_{t+1} = w_t + alpha_t v_{t+1}
-      (Adam: revlearn.optim.adam(alpha_t, beta1_t, b2, eps), b2 and eps fixed)
-    f_k = NLL(w_T; training set)   (or the validation set, objective="valid")
+      (Adam: revlearn.optim.adam(alpha_t, beta1_t, b2, eps))
+    f_k = NLL(w_T; training set)
+    g_i = (1/K) sum_k grad_theta f_k      (revlearn.train, Reversible(min_decay=min_decay / 2))
 
-The meta-gradient (1/K) sum_k grad f_k comes from `revlearn.train(...,
-method=Reversible(min_decay=...))` (momentum, or Adam's b1, is traced, so its
-buffer is sized from a bound) averaged with `revlearn.meta.average_over`; Adam
-(optax) takes the meta-step, followed by a projection that keeps the logit of
-the decay inside [logit(min), logit(1 - 2^-12)], so the decay never falls below
-the bound the buffer was sized for.
+and Adam (optax, step meta_lr), then a projection of the logit decay into
+[logit(min_decay), logit(1 - 2^-12)], updates theta. Stopping rule
+(`stop_on_chaos`): meta-training stops at the first i with
+||g_i|| > 10 median(||g_{i-10}||, .., ||g_{i-1}||) (`revlearn.meta.is_chaotic`,
+the meta-loop's chaos detector) and keeps theta_i.
 
-Modes (fields left at None take the mode's value):
-
-    mode      sizes             steps  meta_iterations  n_average
-    learn     784-50-50-50-10   100    50               1     (paper fig. 2-3)
-    averaged  784-50-50-50-10   100    4                10    (meta-gradient per step)
-    long      784-50-10         1000   0                4     (20 epochs of 10,000)
-
-Every mode also records the meta-gradient per step at the initial
-hyperparameters (averaged over its K keys) and at the learned ones. The
-learning curves retrain in floating point with the rule's own step
-(`_float.float_train`).
+Recorded: g_0 per step (the mean over the K seeds and the mean of its square), the
+scales s_{l,tau} at every meta-iteration, and the training loss per step from theta_0
+and from the learned theta on a key never used in meta-training (`_float.float_train`).
 """
 
 from __future__ import annotations
@@ -48,7 +39,6 @@ import functools
 import math
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,167 +46,105 @@ import numpy as np
 import optax
 
 import revlearn
-from revlearn import data as rdata
 from revlearn import models, spaces
-from revlearn.meta import RunDir, save_figure, average_over, iteration_key, meta_optimize
+from revlearn.meta import (ChaosWarning, RunDir, average_over, is_chaotic, iteration_key,
+                           meta_optimize)
 
+from . import _plots
+from ._config import MnistConfig
 from ._float import float_train
 from ._registry import Experiment, register
-from ._config import MnistConfig
-from ._validate import (
-    at_least,
-    check_clip,
-    check_decay,
-    check_pool,
-    check_range,
-    fail,
-    positive,
-)
+from ._splits import evaluate, mnist_splits
+from ._validate import at_least, check_clip, check_decay, check_pool, check_range, fail, positive
 
-__all__ = ["Config", "AdamConfig", "run", "plot", "initial_hypers", "constrained",
-           "keep_momentum_in", "keep_logit_in", "EXPERIMENT", "ADAM_EXPERIMENT"]
+__all__ = ["Config", "AdamConfig", "run", "plot", "initial_hypers", "keep_logit_in",
+           "EXPERIMENT", "ADAM_EXPERIMENT"]
 
-MAX_MOMENTUM = 1.0 - 2.0**-12
-
-_MODE_DEFAULTS = {
-    #          sizes                    steps  meta_iterations  n_average
-    "learn": ((784, 50, 50, 50, 10), 100, 50, 1),
-    "averaged": ((784, 50, 50, 50, 10), 100, 4, 10),
-    "long": ((784, 50, 10), 1000, 0, 4),
-}
-
-#: Per inner optimiser: the decay whose schedule is learned beside the learning rate, and
-#: the initial log learning rate when `init_log_lr` is None (momentum: the paper's -1;
-#: Adam: its usual 1e-3, which trains steadily over 100 steps, from 2.30 to 0.61 nats).
-DECAY = {"momentum": "momentum", "adam": "b1"}
-_INIT_LOG_LR = {"momentum": -1.0, "adam": math.log(1e-3)}
+MAX_DECAY = 1.0 - 2.0**-12
+_AT_ONCE = 25  # seeds vmapped together; more are mapped over in chunks of this many
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(MnistConfig):
-    """Settings of the paper's run (10,000 examples, batch 200, Adam 0.04, log alpha -1,
-    gamma 0.5, log scale -3). Fields left at None take the mode's value (module docstring);
-    `init_log_lr` left at None takes the optimizer's. `init_momentum`, `min_momentum` apply
-    to optimizer="momentum"; `init_b1`, `min_b1`, `b2`, `eps` to optimizer="adam"."""
+    """The paper's run: 100 steps from alpha = e^-1, gamma = 0.5 and scale e^-3, 50
+    meta-iterations of Adam 0.04; `n_average` seeds (initial draw and minibatch order)
+    per meta-gradient."""
 
-    optimizer: Literal["momentum", "adam"] = "momentum"
-    mode: Literal["learn", "averaged", "long"] = "learn"
-    sizes: tuple[int, ...] | None = None
-    steps: int | None = None
-    meta_iterations: int | None = None
-    n_average: int | None = None  # seeds (init draw + minibatch order) per meta-gradient
+    sizes: tuple[int, ...] = (784, 50, 50, 50, 10)
+    steps: int = 100
+    meta_iterations: int = 50
+    n_average: int = 1
     n_train: int = 10000
-    n_valid: int = 0
     batch_size: int = 200
-    objective: Literal["train", "valid"] = "train"
-    init_log_lr: float | None = None
-    init_momentum: float = 0.5
+    center: bool = True
+    init_log_lr: float = -1.0
+    init_decay: float = 0.5  # the momentum gamma (Adam: beta1) at the start
+    min_decay: float = 0.1
     init_log_scale: float = -3.0
-    min_momentum: float = 0.1
-    init_b1: float = 0.9
-    min_b1: float = 0.1
-    b2: float = 0.999
-    eps: float = 1e-8
+    b2: float = 0.999  # Adam only
+    eps: float = 1e-8  # Adam only
     meta_lr: float = 0.04
     clip: float | None = None
-    curve_examples: int = 2000  # training examples on which learning curves are evaluated
+    stop_on_chaos: bool = True
+
+    DECAY = "momentum"  # (not fields) the learned decay and its grid
+    GRID = revlearn.optim.MOMENTUM
 
     def check(self):
-        r = self.resolved()
-        if len(r.sizes) < 2 or r.sizes[0] != 784 or r.sizes[-1] != 10 or min(r.sizes) < 1:
-            fail("sizes", r.sizes, "must start with 784, end with 10 and hold layer sizes >= 1",
-                 "pass e.g. sizes=784,50,50,50,10, or sizes=none for the mode's")
-        at_least(r, 1, "steps", "n_average")
-        at_least(r, 0, "meta_iterations", "n_valid")
+        if len(self.sizes) < 2 or (self.sizes[0], self.sizes[-1]) != (784, 10) or min(
+                self.sizes) < 1:
+            fail("sizes", self.sizes, "must run from 784 to 10 through layer sizes >= 1",
+                 "pass e.g. sizes=784,50,50,50,10")
+        at_least(self, 1, "steps", "n_average")
+        at_least(self, 0, "meta_iterations")
         check_range("batch_size", self.batch_size, 1, self.n_train,
                     fix=f"pass batch_size <= n_train={self.n_train}")
-        check_pool(self, "n_train", "n_valid")
-        if self.objective == "valid" and self.n_valid < 1:
-            fail("n_valid", self.n_valid, "leaves no validation set for objective='valid'",
-                 "set n_valid >= 1 and n_train + n_valid <= 10000 (e.g. n_train=8000, "
-                 "n_valid=2000)")
-        # Every decay must lie on its grid (also the settings of the other optimizer, which
-        # are not used); the order of the start value and the lower bound only matters for
-        # the optimizer that learns them.
-        check_decay("min_momentum", self.min_momentum, example=0.1)
-        check_decay("init_momentum", self.init_momentum, example=0.5)
-        if self.optimizer == "momentum" and not (
-                self.min_momentum < self.init_momentum < MAX_MOMENTUM):
-            fail("init_momentum", self.init_momentum, f"must lie in (min_momentum="
-                 f"{self.min_momentum}, {MAX_MOMENTUM}) (the learned momentum is kept in "
-                 "[min_momentum, 1 - 2^-12])", "raise init_momentum or lower min_momentum")
-        # the buffer is sized for b1 >= min_b1 / 2, which must lie on b1's grid
-        lo = 2 * revlearn.optim.FINE.smallest()
-        if not lo <= self.min_b1 < MAX_MOMENTUM:
-            fail("min_b1", self.min_b1, f"must lie in [{lo}, {MAX_MOMENTUM}) (Reversible "
-                 "sizes its buffer for b1 >= min_b1 / 2, which must lie on b1's grid "
-                 f"n/2^{revlearn.optim.FINE.bits})", "pass e.g. min_b1=0.1 (the default)")
-        check_decay("init_b1", self.init_b1, revlearn.optim.FINE, example=0.9)
-        if self.optimizer == "adam" and not self.min_b1 < self.init_b1 < MAX_MOMENTUM:
-            fail("init_b1", self.init_b1, f"must lie in (min_b1={self.min_b1}, "
-                 f"{MAX_MOMENTUM}) (the learned b1 is kept in [min_b1, 1 - 2^-12])",
-                 "raise init_b1 or lower min_b1")
+        check_pool(self, "n_train")
+        check_range("min_decay", self.min_decay, 2 * self.GRID.smallest(), MAX_DECAY,
+                    hi_open=True, fix="pass e.g. min_decay=0.1 (the buffer is sized for decays "
+                    f">= min_decay / 2, on the decay's grid n/2^{self.GRID.bits})")
+        check_decay("init_decay", self.init_decay, self.GRID, example=0.5)
+        check_range("init_decay", self.init_decay, self.min_decay, MAX_DECAY, lo_open=True,
+                    hi_open=True, fix="raise init_decay or lower min_decay")
         check_decay("b2", self.b2, revlearn.optim.FINE, example=0.999)
-        positive(self, "eps")
-        positive(self, "meta_lr")
+        positive(self, "eps", "meta_lr")
         check_clip(self)
-        at_least(self, 1, "curve_examples")
 
-    def resolved(self) -> Config:
-        """This config with every None replaced by the mode's (or the optimizer's) value."""
-        sizes, steps, meta_iterations, n_average = _MODE_DEFAULTS[self.mode]
-        pick = lambda v, d: d if v is None else v  # noqa: E731
-        return dataclasses.replace(
-            self, sizes=tuple(pick(self.sizes, sizes)), steps=pick(self.steps, steps),
-            meta_iterations=pick(self.meta_iterations, meta_iterations),
-            n_average=pick(self.n_average, n_average),
-            init_log_lr=pick(self.init_log_lr, _INIT_LOG_LR[self.optimizer])) if None in (
-                self.sizes, self.steps, self.meta_iterations, self.n_average,
-                self.init_log_lr) else self
-
-    @property
-    def decay(self) -> str:
-        """The learned decay: "momentum" or "b1"."""
-        return DECAY[self.optimizer]
-
-    def decay_init_and_min(self) -> tuple[float, float]:
-        return ((self.init_b1, self.min_b1) if self.optimizer == "adam"
-                else (self.init_momentum, self.min_momentum))
+    def rule(self, h, params0):
+        """The inner optimiser with the constrained schedules h ([T] leaves), per params leaf."""
+        per_leaf = lambda s: [{t: a[t].reshape(a[t].shape + (1,) * p[t].ndim) for t in a}  # noqa: E731
+                              for a, p in zip(s, params0)]
+        if self.DECAY == "b1":
+            return revlearn.optim.adam(per_leaf(h["lr"]), b1=per_leaf(h["b1"]), b2=self.b2,
+                                       eps=self.eps)
+        return revlearn.optim.momentum(per_leaf(h["lr"]), per_leaf(h["momentum"]))
 
 
 @dataclasses.dataclass(frozen=True)
 class AdamConfig(Config):
-    """`adam-schedules`: the same settings with Adam as the inner optimiser (lr 1e-3 and
-    b1 0.9 at the start, b2 0.999 and eps 1e-8 fixed)."""
+    """`adam-schedules`: from Adam's usual alpha = 1e-3 and beta1 = 0.9 (b2, eps fixed)."""
 
-    optimizer: Literal["momentum", "adam"] = "adam"
+    init_log_lr: float = math.log(1e-3)
+    init_decay: float = 0.9
+
+    DECAY = "b1"
+    GRID = revlearn.optim.FINE
 
 
 # One layer keeps the compile time (most of a smoke run) low; the tests cover hidden layers.
-SMOKE = Config(sizes=(784, 10), steps=6, meta_iterations=2, n_average=2, n_train=400,
-               batch_size=50, curve_examples=200)
-ADAM_SMOKE = AdamConfig(sizes=(784, 10), steps=6, meta_iterations=2, n_average=2, n_train=400,
-                        batch_size=50, curve_examples=200)
+_SMOKE = dict(sizes=(784, 10), steps=6, meta_iterations=2, n_average=2, n_train=400,
+              batch_size=50)
+SMOKE, ADAM_SMOKE = Config(**_SMOKE), AdamConfig(**_SMOKE)
 
 
-# -- hyperparameters -------------------------------------------------------------
-
-def initial_hypers(config: Config) -> dict:
+def initial_hypers(c: Config) -> dict:
     """The unconstrained hyperparameters: constant schedules and scales."""
-    c = config.resolved()
-    L, T = len(c.sizes) - 1, c.steps
-    init, _ = c.decay_init_and_min()
-    logit = math.log(init) - math.log1p(-init)
-    sched = lambda v: [{t: jnp.full((T,), v, jnp.float64) for t in ("w", "b")}  # noqa: E731
-                       for _ in range(L)]
-    return {"log_lr": sched(c.init_log_lr), f"logit_{c.decay}": sched(logit),
-            "log_scale": [{t: jnp.asarray(c.init_log_scale, jnp.float64) for t in ("w", "b")}
-                          for _ in range(L)]}
-
-
-def constrained(theta: dict) -> dict:
-    """{"lr": [{w: [T], b: [T]}], "momentum" (or "b1"): same, "scale": [{w: (), b: ()}]}."""
-    return spaces.constrain(theta)
+    per_layer = lambda v, shape: [{t: jnp.full(shape, v, jnp.float64) for t in "wb"}  # noqa: E731
+                                  for _ in c.sizes[1:]]
+    return spaces.unconstrain({"lr": per_layer(math.exp(c.init_log_lr), (c.steps,)),
+                               c.DECAY: per_layer(c.init_decay, (c.steps,)),
+                               "scale": per_layer(math.exp(c.init_log_scale), ())},
+                              {"lr": "log", c.DECAY: "logit", "scale": "log"})
 
 
 def keep_logit_in(name: str, lo: float, hi: float) -> optax.GradientTransformation:
@@ -225,67 +153,17 @@ def keep_logit_in(name: str, lo: float, hi: float) -> optax.GradientTransformati
     a, b = math.log(lo) - math.log1p(-lo), math.log(hi) - math.log1p(-hi)
 
     def update(updates, state, params):
-        if params is None:
-            raise ValueError(f"keep_logit_in({name!r}) needs the current hyperparameters "
-                             "(params)")
-        proj = jax.tree_util.tree_map(lambda u, p: jnp.clip(p + u, a, b) - p,
-                                      updates[name], params[name])
-        return {**updates, name: proj}, state
+        return {**updates, name: jax.tree_util.tree_map(
+            lambda u, p: jnp.clip(p + u, a, b) - p, updates[name], params[name])}, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def keep_momentum_in(lo: float, hi: float) -> optax.GradientTransformation:
-    """`keep_logit_in("logit_momentum", lo, hi)`."""
-    return keep_logit_in("logit_momentum", lo, hi)
-
-
-def _per_leaf(schedule, params):
-    """[T] schedule leaves reshaped to the unambiguous form [T, 1, ..., 1] of each leaf."""
-    return [{t: s[t].reshape(s[t].shape + (1,) * p[t].ndim) for t in s}
-            for s, p in zip(schedule, params)]
-
-
 # -- the problem -----------------------------------------------------------------
 
-class _Static(NamedTuple):
-    """Settings that fix the compiled programs (a hashable jit static argument)."""
-
-    sizes: tuple
-    steps: int
-    batch_size: int
-    n_average: int
-    objective: str
-    optimizer: str
-    min_decay: float   # min_momentum or min_b1
-    b2: float
-    eps: float
-    curve_every: int
-
-    @classmethod
-    def of(cls, c: Config) -> _Static:
-        c = c.resolved()
-        return cls(tuple(c.sizes), c.steps, c.batch_size, c.n_average, c.objective,
-                   c.optimizer, c.decay_init_and_min()[1], c.b2, c.eps,
-                   max(1, c.steps // 100))
-
-    def method(self):
-        # The decay is traced, so its buffer is sized from a bound below the projected
-        # range: gamma (b1) >= min_decay always holds (rounding included).
-        return revlearn.Reversible(min_decay={DECAY[self.optimizer]: 0.5 * self.min_decay})
-
-    def rule(self, h, params0):
-        """The inner optimiser with the constrained schedules h, per params leaf."""
-        lr = _per_leaf(h["lr"], params0)
-        if self.optimizer == "adam":
-            return revlearn.optim.adam(lr, b1=_per_leaf(h["b1"], params0), b2=self.b2,
-                                       eps=self.eps)
-        return revlearn.optim.momentum(lr, _per_leaf(h["momentum"], params0))
-
-
-def _params0(h, key, sizes):
-    return models.mlp_init(key, sizes, scale=[(s["w"], s["b"]) for s in h["scale"]],
-                           dtype=jnp.float64)
+def _data(c: Config) -> dict:
+    x, y = mnist_splits(c, "train")["train"]
+    return {"train": (x - jnp.mean(x, axis=0) if c.center else x, y)}
 
 
 def _train_loss(params, h, step, *, batch_size):
@@ -293,357 +171,244 @@ def _train_loss(params, h, step, *, batch_size):
     return models.nll(models.mlp_apply(params, xb), yb)
 
 
-def _evaluate(params, data) -> dict:
-    out = {}
-    for name in data:
-        if name == "curve":
-            continue
-        x, y = data[name]
-        logp = models.mlp_apply(params, x)
-        out[f"{name}_loss"] = models.nll(logp, y)
-        out[f"{name}_error"] = models.error_rate(logp, y)
-    return out
-
-
-def meta_objective(theta, key, data, static: _Static, method=None):
-    """(f, metrics) for one initial draw and minibatch order, both from `key`."""
-    h = constrained(theta)
+def _start(theta, key, data, static: Config):
+    """(the inner rule, w_0, the training loss, its inputs) of the seed `key`."""
+    h = spaces.constrain(theta)
     k_init, k_batch = jax.random.split(key)
-    params0 = _params0(h, k_init, static.sizes)
-    x, y = data["train"]
-    params = revlearn.train(functools.partial(_train_loss, batch_size=static.batch_size),
-                            params0, {"key": k_batch, "x": x, "y": y},
-                            optimizer=static.rule(h, params0), steps=static.steps,
-                            method=method or static.method())
-    metrics = _evaluate(params, data)
-    return metrics[f"{static.objective}_loss"], metrics
+    w0 = models.mlp_init(k_init, static.sizes, scale=[(s["w"], s["b"]) for s in h["scale"]],
+                         dtype=jnp.float64)
+    return (static.rule(h, w0), w0, functools.partial(_train_loss, batch_size=static.batch_size),
+            {"key": k_batch, "x": data["train"][0], "y": data["train"][1]})
+
+
+def meta_objective(theta, key, data, static: Config, method=None):
+    """(f, metrics) for one initial draw and minibatch order, both from `key`."""
+    rule, w0, loss, inputs = _start(theta, key, data, static)
+    method = method or revlearn.Reversible(min_decay={static.DECAY: 0.5 * static.min_decay})
+    w = revlearn.train(loss, w0, inputs, optimizer=rule, steps=static.steps, method=method)
+    metrics = evaluate(models.mlp_apply, w, data)
+    return metrics["train_loss"], metrics
 
 
 def _one(theta, key, data, static):
-    (loss, metrics), grads = jax.value_and_grad(meta_objective, has_aux=True)(
-        theta, key, data, static)
-    sq = jax.tree_util.tree_map(jnp.square, grads)
-    return loss, grads, metrics, sq
+    (f, metrics), g = jax.value_and_grad(meta_objective, has_aux=True)(theta, key, data, static)
+    return f, g, metrics, jax.tree_util.tree_map(jnp.square, g)
 
 
 @functools.partial(jax.jit, static_argnames="static")
-def _hypergrad(theta, key, data, static: _Static):
-    """Mean over K keys of (f, grad f, metrics, (grad f)^2)."""
-    return average_over(_one, static.n_average)(theta, key, data, static)
+def _hypergrad(theta, key, data, static: Config):
+    """The mean over K keys of (f, grad f, metrics, (grad f)^2)."""
+    chunk = None if static.n_average <= _AT_ONCE else _AT_ONCE
+    return average_over(_one, static.n_average, batch_size=chunk)(theta, key, data, static)
 
 
-@functools.partial(jax.jit, static_argnames="static")
-def _curve(theta, key, data, static: _Static):
-    """Training loss on data["curve"] every `curve_every` steps ([T + 1], NaN between; the
-    rule's float step, as revlearn.train computes it up to rounding) and the metrics of w_T."""
-    h = constrained(theta)
-    k_init, k_batch = jax.random.split(key)
-    w0 = _params0(h, k_init, static.sizes)
+@functools.partial(jax.jit, static_argnames=("static", "every"))
+def _curve(theta, key, data, static: Config, every: int = 1):
+    """The training loss every `every` steps ([T + 1], NaN between; the rule's float step,
+    as revlearn.train computes it up to rounding) and the metrics of w_T."""
+    rule, w0, loss, inputs = _start(theta, key, data, static)
     x, y = data["train"]
-    xc, yc = data["curve"]
-    full = lambda w, state, t: models.nll(models.mlp_apply(w, xc), yc)  # noqa: E731
-    w, losses = float_train(static.rule(h, w0),
-                            functools.partial(_train_loss, batch_size=static.batch_size), w0,
-                            {"key": k_batch, "x": x, "y": y}, steps=static.steps, record=full,
-                            every=static.curve_every)
-    curve = jnp.full((static.steps + 1,), jnp.nan, losses.dtype)
-    curve = curve.at[jnp.arange(losses.shape[0]) * static.curve_every].set(losses)
-    return curve, _evaluate(w, data)
+    w, losses = float_train(rule, loss, w0, inputs, steps=static.steps, every=every,
+                            record=lambda w, state, t: models.nll(models.mlp_apply(w, x), y))
+    return (jnp.full((static.steps + 1,), jnp.nan).at[::every].set(losses),
+            evaluate(models.mlp_apply, w, data))
 
 
 # -- run and plot --------------------------------------------------------------
 
-def _splits(c: Config):
-    pool = rdata.load_mnist(c.data, c.data_dir)
-    sizes = {"train": c.n_train} | ({"valid": c.n_valid} if c.n_valid else {})
-    parts = rdata.split(pool, sizes, c.seed)
-    data = {k: (jnp.asarray(d.images, jnp.float64), jnp.asarray(d.onehot, jnp.float64))
-            for k, d in parts.items()}
-    n = min(c.curve_examples, c.n_train)
-    data["curve"] = (data["train"][0][:n], data["train"][1][:n])
-    return data
-
-
-def run(config: Config, run_dir: RunDir) -> dict:
+def run(c: Config, run_dir: RunDir) -> dict:
     t0 = time.perf_counter()
-    c = config.resolved()
-    data = _splits(c)
-    static = _Static.of(c)
-    theta0 = initial_hypers(c)
-    first = {}
+    data, static, theta0 = _data(c), c.program(), initial_hypers(c)
+    first, stop = {}, {}
 
     def hypergrad_fn(theta, i):
-        loss, grads, metrics, sq = _hypergrad(theta, iteration_key(c.seed, i), data, static)
+        f, g, metrics, sq = _hypergrad(theta, iteration_key(c.seed, i), data, static)
         if i == 0:
-            first.update(grads=grads, sq=sq)
-        return loss, grads, metrics
+            first.update(g=g, sq=sq)
+        record = {**metrics, **{f"norm_{k}": optax.tree.norm(v) for k, v in g.items()},
+                  **{f"scale_{l}{t}": jnp.exp(s[t]) for l, s in enumerate(theta["log_scale"])
+                     for t in "wb"}}
+        norm = float(optax.tree.norm(g))
+        past = [m["hypergrad_norm"] for m in run_dir.read_metrics()]
+        if c.stop_on_chaos and np.isfinite(norm) and is_chaotic(past, norm):  # theta_i is kept
+            stop.update(i=i, theta=theta)
+            run_dir.append_metrics({"iteration": i, "meta_loss": float(f), "hypergrad_norm": norm,
+                                    "chaos": True, "stopped": True,
+                                    **{k: float(v) for k, v in record.items()}})
+            raise ChaosWarning(f"meta-iteration {i}: the meta-gradient exploded; stopped")
+        return f, g, record
 
-    dn = c.decay
-    optimizer = optax.chain(optax.adam(c.meta_lr),
-                            keep_logit_in(f"logit_{dn}", c.decay_init_and_min()[1], MAX_MOMENTUM))
-    result = meta_optimize(hypergrad_fn, theta0, optimizer, c.meta_iterations, run_dir,
-                           clip=c.clip, progress_metric="meta_loss",
-                           description=f"{_NAME[c.optimizer]} ({c.mode})")
-    theta = result.hypers
+    tx = optax.chain(optax.adam(c.meta_lr), keep_logit_in(f"logit_{c.DECAY}", c.min_decay,
+                                                          MAX_DECAY))
+    try:
+        theta = meta_optimize(hypergrad_fn, theta0, tx, c.meta_iterations, run_dir, clip=c.clip,
+                              description=EXPERIMENTS[c.DECAY]).hypers
+    except ChaosWarning:
+        if not stop:  # a warning turned into an error, not the stopping rule
+            raise
+        theta = stop["theta"]
+    if not first:  # meta-iteration 0 did not run here
+        first.update(zip(("g", "sq"), _hypergrad(theta0, iteration_key(c.seed, 0), data,
+                                                  static)[1::2]))
+    n = stop.get("i", c.meta_iterations)  # meta-updates applied
+    names = ("log_lr", f"logit_{c.DECAY}")
+    res = {**{f"grad_{k}": first["g"][k] for k in names},
+           **{f"gradsq_{k}": first["sq"][k] for k in names}}
+    for tag, th in (("initial", theta0), ("learned", theta))[:1 + bool(n)]:
+        curve, final = _curve(th, iteration_key(c.seed, c.meta_iterations + 1), data, static,
+                              max(1, c.steps // 100))
+        res[tag] = {"curve": curve, **final, **spaces.constrain(th)}
     run_dir.save_arrays("hypers_final", theta)
-    n = c.meta_iterations
-
-    # The meta-gradient per step at the initial (= meta-iteration 0) and learned hypers.
-    if not first:
-        _, grads, _, sq = _hypergrad(theta0, iteration_key(c.seed, 0), data, static)
-        first.update(grads=grads, sq=sq)
-    if n:
-        _, g_end, _, sq_end = _hypergrad(theta, iteration_key(c.seed, n), data, static)
-    else:  # nothing was learned: the learned hyperparameters are the initial ones
-        g_end, sq_end = first["grads"], first["sq"]
-
-    res = {}
-    for tag, th in (("initial", theta0), ("learned", theta)):
-        curve, final = jax.device_get(_curve(th, iteration_key(c.seed, n + 1), data, static))
-        res[f"curve_{tag}"] = curve
-        res.update({f"{k}_{tag}": np.asarray(v) for k, v in final.items()})
-        h = constrained(th)
-        for l in range(len(c.sizes) - 1):
-            for t in ("w", "b"):
-                res[f"lr_{tag}_{l}{t}"] = np.asarray(h["lr"][l][t])
-                res[f"{dn}_{tag}_{l}{t}"] = np.asarray(h[dn][l][t])
-                res[f"scale_{tag}_{l}{t}"] = np.asarray(h["scale"][l][t])
-    for tag, g, sq in (("initial", first["grads"], first["sq"]), ("learned", g_end, sq_end)):
-        for name in ("log_lr", f"logit_{dn}"):
-            for l in range(len(c.sizes) - 1):
-                for t in ("w", "b"):
-                    res[f"grad_{name}_{tag}_{l}{t}"] = np.asarray(g[name][l][t])
-                    res[f"gradsq_{name}_{tag}_{l}{t}"] = np.asarray(sq[name][l][t])
-    res["curve_every"] = np.asarray(static.curve_every)
     run_dir.save_arrays("results", res)
 
-    n_hypers = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(theta0))
-    summary = {"optimizer": c.optimizer, "mode": c.mode, "sizes": "-".join(map(str, c.sizes)),
-               "steps": c.steps, "meta_iterations": n, "n_average": c.n_average,
-               "n_hyperparameters": n_hypers}
+    summary = {"meta_iterations": n, "stopped_by_chaos": "i" in stop,
+               "n_hyperparameters": sum(x.size for x in jax.tree_util.tree_leaves(theta0))}
     for tag in ("initial", "learned")[:1 + bool(n)]:
-        for k in sorted(k for k in res if k.endswith(f"_{tag}") and k.split("_")[0] in
-                        ("train", "valid")):
-            summary[k] = float(res[k])
-    # where the meta-gradient at the initial hyperparameters is large: mean |.| over the
-    # weight layers, in the first 5, the middle and the last 5 steps
-    for name, short in (("log_lr", "lr"), (f"logit_{dn}", dn)):
-        g = np.mean([np.abs(res[f"grad_{name}_initial_{l}w"]) for l in range(len(c.sizes) - 1)],
-                    axis=0)
-        summary[f"grad_{short}_w_first5"] = float(np.mean(g[:5]))
-        summary[f"grad_{short}_w_middle"] = float(np.mean(g[5:-5])) if len(g) > 10 else 0.0
-        summary[f"grad_{short}_w_last5"] = float(np.mean(g[-5:]))
-    if n:
-        h = constrained(theta)
-        for l in range(len(c.sizes) - 1):
-            summary[f"scale_learned_layer{l}_w"] = float(h["scale"][l]["w"])
-            summary[f"inv_sqrt_fan_in_layer{l}"] = 1.0 / math.sqrt(c.sizes[l])
+        summary |= {f"train_{k}_{tag}": float(res[tag][f"train_{k}"]) for k in ("loss", "error")}
+    for name in names:  # mean |g_0| over the weight layers: first 5, middle, last 5 steps
+        g = np.mean([np.abs(layer["w"]) for layer in res[f"grad_{name}"]], axis=0)
+        summary |= {f"grad_{name}_w_{part}": float(np.mean(g[sl])) if g[sl].size else 0.0
+                    for part, sl in (("first5", slice(0, 5)), ("middle", slice(5, -5)),
+                                     ("last5", slice(-5, None)))}
+    for l, s in enumerate(res["learned"]["scale"] if n else ()):
+        summary |= {f"scale_{l}{t}_learned": float(s[t]) for t in "wb"}
     summary["wall_time_s"] = time.perf_counter() - t0
     plot(run_dir.path)
     return summary
 
 
+EXPERIMENTS = {"momentum": "schedules", "b1": "adam-schedules"}
 _TYPE = {"w": "weights", "b": "biases"}
-_NAME = {"momentum": "schedules", "adam": "adam-schedules"}
-#: per learned decay: (axis label, name in titles, its logit's name, meta-gradient label)
-_DECAY_LABEL = {"momentum": (r"momentum $\gamma_t$", "momentum", "logit momentum",
-                             r"$\partial f/\partial\,\mathrm{logit}\,\gamma_t$"),
-                "b1": (r"Adam's $\beta_{1,t}$", "beta1", "logit beta1",
-                       r"$\partial f/\partial\,\mathrm{logit}\,\beta_{1,t}$")}
+_DECAY = {"momentum": (r"momentum $\gamma_t$", r"\mathrm{logit}\,\gamma_t"),
+          "b1": (r"Adam's $\beta_{1,t}$", r"\mathrm{logit}\,\beta_{1,t}")}
 
 
-def _blocks(x, *ys, size):
-    """Means over consecutive blocks of `size` steps (a trailing partial block is kept)."""
-    if size == 1:
-        return (x, *ys)
-    n = -(-len(x) // size)
-    edges = np.arange(n) * size
-    return tuple(np.add.reduceat(np.asarray(a, np.float64), edges)
-                 / np.diff(np.append(edges, len(x))) for a in (x, *ys))
+def _panels(fig_axes, rows, draw, L, layer, finish):
+    """A 2 x 2 grid: rows (name, label) by columns (weights, biases); `draw(ax, name, l, t)`
+    draws layer l's line, the legend of the layers goes below."""
+    fig, axes = fig_axes
+    for i, (name, label) in enumerate(rows):
+        for j, t in enumerate("wb"):
+            for l in range(L):
+                draw(axes[i, j], name, l, t, dict(color=f"C{l}", label=layer(l)))
+            axes[i, j].set(ylabel=label, title=f"{_TYPE[t].capitalize()}: {label}")
+            axes[i, j].ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+            finish(axes[i, j], *([] if i else [""]))  # the step axis is shared
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels))
+    return fig
 
 
-def _net(sizes) -> str:
-    return "-".join(map(str, sizes))
-
-
+@_plots.styled
 def plot(path) -> list[Path]:
     """Re-render the figures from results.npz and metrics.jsonl."""
-    from matplotlib.figure import Figure
-
-    rd = RunDir(Path(path))
-    res = rd.load_arrays("results")
-    metrics = rd.read_metrics()
-    raw = (rd.read_config() or {}).get("config", {})
-    known = {f.name for f in dataclasses.fields(Config)}
-    c = Config(**{k: tuple(v) if isinstance(v, list) else v
-                  for k, v in raw.items() if k in known}).resolved()
-    L = len(c.sizes) - 1
-    out = rd.figures
-    paths = []
-    T = len(res["lr_initial_0w"])
-    dn = c.decay
-    d_axis, d_title, d_logit, d_grad = _DECAY_LABEL[dn]
-    inner = "Adam" if c.optimizer == "adam" else "SGD"
-    step_label = f"{inner} step t"
-    steps = np.arange(T)
-    colors = [f"C{l}" for l in range(L)]
+    run = _plots.saved(path, "results")
+    res, metrics, out, paths = run.arrays["results"], run.metrics, run.run.figures, []
+    cls = AdamConfig if "initial/b1/0/w" in res else Config
+    names = {f.name for f in dataclasses.fields(cls)}
+    c = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in run.config.items()
+               if k in names})
+    L, T, K, (d_label, d_logit) = len(c.sizes) - 1, c.steps, c.n_average, _DECAY[c.DECAY]
+    inner, net = "Adam" if c.DECAY == "b1" else "SGD", "-".join(map(str, c.sizes))
+    layer = lambda l: f"layer {l + 1} ({c.sizes[l]}\u2192{c.sizes[l + 1]})"  # noqa: E731
+    learned, stopped = "learned/curve" in res, bool(metrics and metrics[-1].get("stopped"))
     per_epoch = c.n_train // c.batch_size
 
-    def epochs(ax):
-        if T > 2 * per_epoch:
-            for e in range(per_epoch, T, per_epoch):
-                ax.axvline(e, color="0.85", lw=0.6, zorder=0)
+    def finish(ax, xlabel=f"{inner} step t"):
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        for e in range(per_epoch, T, per_epoch) if T > 2 * per_epoch else ():
+            ax.axvline(e, color="0.8", lw=0.6, zorder=0)  # epoch boundaries
 
-    learned = bool(metrics)  # meta_iterations = 0 (mode "long"): nothing was learned
-    if learned:  # 1. learned schedules, 2. initial scales against 1/sqrt(fan-in)
-        fig = Figure(figsize=(11, 7), layout="constrained")
-        axes = fig.subplots(2, 2, sharex=True)
-        for j, t in enumerate(("w", "b")):
-            for i, (name, label) in enumerate((("lr", r"learning rate $\alpha_t$"),
-                                               (dn, d_axis))):
-                ax = axes[i, j]
-                ax.plot(steps, res[f"{name}_initial_0{t}"], "--", color="0.5", label="initial")
-                for l in range(L):
-                    ax.plot(steps, res[f"{name}_learned_{l}{t}"], color=colors[l], lw=1.6,
-                            label=f"layer {l} ({c.sizes[l]}\u2192{c.sizes[l + 1]})")
-                if name == "lr":
-                    ax.set_yscale("log")
-                else:
-                    ax.set_ylim(0, 1)
-                ax.set_ylabel(label)
-                what = "learning rate" if name == "lr" else d_title
-                ax.set_title(f"{what[0].upper() + what[1:]} of the {_TYPE[t]}")
-                ax.grid(alpha=0.3, which="both")
-                epochs(ax)
-                if i == 1:
-                    ax.set_xlabel(step_label)
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside lower center", ncol=L + 1, fontsize=9)
-        fig.suptitle(f"Learned {inner} schedules, {_net(c.sizes)} tanh MLP, "
-                     f"{len(metrics)} meta-iterations"
-                     + (f" (meta-gradient averaged over {c.n_average} seeds)" if c.n_average > 1
-                        else ""))
-        paths.append(out / "schedules.png")
-        save_figure(fig, paths[-1], dpi=100)
+    def schedule(ax, name, l, t, style):
+        if l == 0:
+            ax.plot(res[f"initial/{name}/0/{t}"], "--", color="0.5", label="initial")
+        ax.plot(res[f"learned/{name}/{l}/{t}"], lw=1.4, **style)
+        ax.set_ylim(0, 1 if name == c.DECAY else None)
 
-        # 2. initial scales against 1/sqrt(fan-in)
-        fig = Figure(figsize=(6.5, 4.3), layout="constrained")
-        ax = fig.subplots()
-        layers = np.arange(L)
-        ax.plot(layers, [float(res[f"scale_initial_{l}w"]) for l in layers], "--", color="0.5",
-                label="initial (weights and biases)")
-        ax.plot(layers, [float(res[f"scale_learned_{l}w"]) for l in layers], "o-", color="C0",
-                ms=7, label="learned, weights")
-        ax.plot(layers, [float(res[f"scale_learned_{l}b"]) for l in layers], "s-", color="C1",
-                ms=6, label="learned, biases")
-        ax.plot(layers, [1 / math.sqrt(c.sizes[l]) for l in layers], "k*", ms=11,
-                label=r"$1/\sqrt{\mathrm{fan\ in}}$ heuristic")
-        ax.set_xticks(layers, [f"layer {l}\nfan-in {c.sizes[l]}" for l in layers])
-        ax.set_yscale("log")
-        ax.set_ylabel("initial scale (std of $w_0$)")
-        ax.set_title("Learned initial scales")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        paths.append(out / "initial_scales.png")
-        save_figure(fig, paths[-1], dpi=100)
+    if learned:  # 1. the learned schedules (paper figure 2)
+        fig = _panels(_plots.figure(2, 2, width=11, height=7.2, sharex=True), (
+            ("lr", r"learning rate $\alpha_t$"), (c.DECAY, d_label)), schedule, L, layer, finish)
+        fig.suptitle(f"Learned {inner} schedules, {net} tanh MLP, {len(metrics) - stopped} "
+                     "meta-iterations" + (" (then the chaos detector stopped it)" * stopped))
+        _plots.save(fig, out, "schedules", paths)
 
-    # 3. learning curves before and after
-    fig = Figure(figsize=(7, 4.3), layout="constrained")
-    ax = fig.subplots()
-    every = int(res["curve_every"])
+    # 2. learning curves (paper figure 3, left) and the meta-learning curve (right)
+    fig, axes = _plots.figure(3 if metrics else 1, width=15 if metrics else 6, height=4.4)
+    axes = np.atleast_1d(axes)
+    ax = axes[0]
     for tag, style, color in (("initial", "--", "0.4"), ("learned", "-", "C0"))[:1 + learned]:
-        y = res[f"curve_{tag}"]
-        x = np.arange(len(y))
+        y = res[f"{tag}/curve"]
         ok = np.isfinite(y)
-        ax.plot(x[ok], y[ok], style, color=color, lw=2, label=f"{tag} hyperparameters")
-    ax.set_yscale("log")
-    ax.set_xlabel(step_label)
-    ax.set_ylabel("training loss (mean NLL, nats)")
-    n_curve = min(c.curve_examples, c.n_train)
-    ax.set_title(f"{inner} training curves on a fresh initial draw and minibatch order\n"
-                 f"(loss on {n_curve} training examples"
-                 + (f", every {every} steps)" if every > 1 else ")"))
-    ax.grid(alpha=0.3, which="both")
-    epochs(ax)
+        ax.plot(np.arange(T + 1)[ok], y[ok], style, color=color, lw=2,
+                label=f"{tag} hyperparameters ({y[ok][-1]:.3f} at the end)")
+    finish(ax)
+    ax.set(ylabel="training loss (nats)", title=f"{inner} training, a new initial draw and "
+           "minibatch order")
     ax.legend()
-    paths.append(out / "learning_curves.png")
-    save_figure(fig, paths[-1], dpi=100)
-
-    # 4. the meta-gradient per step, at the initial and (if any were learned) the learned
-    # hyperparameters
-    from matplotlib.lines import Line2D
-
-    K = c.n_average
-    block = max(1, T // 100)
-    for tag in (("initial", "learned") if metrics else ("initial",)):
-        fig = Figure(figsize=(11, 7), layout="constrained")
-        axes = fig.subplots(2, 2, sharex=True)
-        for i, (name, label) in enumerate((("log_lr", r"$\partial f/\partial \log\alpha_t$"),
-                                           (f"logit_{dn}", d_grad))):
-            for j, t in enumerate(("w", "b")):
-                ax = axes[i, j]
-                for l in range(L):
-                    g = res[f"grad_{name}_{tag}_{l}{t}"]
-                    se = np.sqrt(np.maximum(res[f"gradsq_{name}_{tag}_{l}{t}"] - g**2, 0)
-                                 / max(K - 1, 1))
-                    x, mag, se = _blocks(steps, np.abs(g), se, size=block)
-                    ax.plot(x, mag, color=colors[l], lw=1.3, label=f"layer {l}")
-                    if block == 1:
-                        up = g > 0
-                        ax.plot(steps[up], np.abs(g[up]), "^", color=colors[l], ms=3.5)
-                    if K > 1:
-                        ax.plot(x, se, ":", color=colors[l], lw=0.9, alpha=0.8)
-                ax.set_yscale("log")
-                ax.set_ylabel("|" + label + "| (nats)")
-                ax.set_title(f"{_TYPE[t].capitalize()}: meta-gradient w.r.t. "
-                             + ("log learning rate" if name == "log_lr" else d_logit))
-                ax.grid(alpha=0.3, which="both")
-                epochs(ax)
-                if i == 1:
-                    ax.set_xlabel(step_label)
-        handles, labels = axes[0, 0].get_legend_handles_labels()
-        if block == 1:
-            handles.append(Line2D([], [], ls="", marker="^", color="0.3", ms=4))
-            labels.append("gradient > 0 (wants a smaller value)")
-        if K > 1:
-            handles.append(Line2D([], [], ls=":", color="0.3"))
-            labels.append("dotted: standard error of the mean")
-        fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9)
-        what = (f"magnitude of the mean over {K} seeds (initial draw and minibatch order)"
-                if K > 1 else "magnitude, one seed")
-        if block > 1:
-            what += f", averaged over blocks of {block} steps"
-        fig.suptitle(f"Meta-gradient per step at the {tag} hyperparameters, {_net(c.sizes)}, "
-                     f"{T} {inner} steps\n({what})")
-        paths.append(out / ("meta_gradient.png" if tag == "initial"
-                            else "meta_gradient_learned.png"))
-        save_figure(fig, paths[-1], dpi=100)
-
-    # 5. meta-learning curve
     if metrics:
-        fig = Figure(figsize=(7, 4), layout="constrained")
-        ax = fig.subplots()
-        it = [m["iteration"] for m in metrics]
-        obj = "validation" if c.objective == "valid" else "training"
-        ax.plot(it, [m["meta_loss"] for m in metrics], "o-", ms=3, color="C0")
-        ax.set_xlabel("meta-iteration (a new seed each)")
-        ax.set_ylabel(f"final {obj} loss (nats)")
-        ax.set_yscale("log")
-        ax.set_title("Meta-objective during meta-training")
-        ax.grid(alpha=0.3, which="both")
-        paths.append(out / "meta_curve.png")
-        save_figure(fig, paths[-1], dpi=100)
+        it = np.array([m["iteration"] for m in metrics])
+        norm = np.array([m["hypergrad_norm"] for m in metrics])
+        chaos = np.array([bool(m.get("chaos")) for m in metrics])
+        axes[1].plot(it, [m["meta_loss"] for m in metrics], "o-", ms=3, color="C0")
+        axes[2].plot(it, norm, "o-", ms=3, color="C1")
+        if chaos.any():
+            axes[2].plot(it[chaos], norm[chaos], "x", ms=9, mew=2, color="C3",
+                         label="chaos detector fires")
+        for ax in axes[1:]:
+            if stopped:
+                ax.axvline(it[-1], color="C3", ls=":", label="meta-training stops")
+            finish(ax, "meta-iteration (a new seed each)")
+        axes[1].set(ylabel="final training loss (nats)", title="Meta-learning curve", ylim=(0, None))
+        axes[2].set(ylabel=r"$\|\nabla_\theta f\|$", title="Meta-gradient norm")
+        _plots.plain_log(axes[2])
+        if chaos.any():
+            axes[2].legend()
+    _plots.plain_log(axes[0])
+    _plots.save(fig, out, "learning_curves", paths)
+
+    # 3. the meta-gradient per step at theta_0, mean over K seeds (paper figure 4)
+    def gradient(ax, name, l, t, style):
+        g = res[f"grad_{name}/{l}/{t}"]
+        if l == 0:
+            ax.axhline(0, color="0.3", lw=0.8)
+        ax.plot(g, "o-" if T <= 100 else "-", ms=2.5, lw=1.2 if T <= 100 else 0.8, **style)
+        if K > 1:
+            se = np.sqrt(np.maximum(res[f"gradsq_{name}/{l}/{t}"] - g**2, 0) / (K - 1))
+            ax.fill_between(np.arange(T), g - se, g + se, color=style["color"], alpha=0.25, lw=0)
+
+    fig = _panels(_plots.figure(2, 2, width=11, height=7.2, sharex=True), (
+        ("log_lr", r"$\partial f/\partial \log\alpha_t$"),
+        (f"logit_{c.DECAY}", rf"$\partial f/\partial {d_logit}$")), gradient, L, layer, finish)
+    fig.suptitle(f"Meta-gradient per step at the initial hyperparameters, {net}, {T} {inner} "
+                 "steps: " + (f"mean over {K} seeds (band: \u00b11 standard error)" if K > 1
+                              else "one seed"))
+    _plots.save(fig, out, "meta_gradient", paths)
+
+    if metrics:  # 4. the initial scales against the meta-iteration (paper figure 5)
+        fig, axes = _plots.figure(2, width=10, height=4.2)
+        for ax, t in zip(axes, "bw"):
+            for l in range(L):
+                y = [m[f"scale_{l}{t}"] for m in metrics]
+                y += [] if stopped else [float(res[f"learned/scale/{l}/{t}"])]
+                ax.plot(y, "o-", ms=2.5, color=f"C{l}", label=layer(l))
+            for fan in sorted(set(c.sizes[:-1])) if t == "w" else ():
+                ax.axhline(fan**-0.5, ls="--", color="0.35", lw=1)
+                ax.annotate(f"1/\u221a{fan}", (0, fan**-0.5), xytext=(2, 3),
+                            textcoords="offset points", color="0.35")
+            finish(ax, "meta-iteration")
+            ax.set(ylabel="initial scale (std of $w_0$)", title=f"Initial scale of the {_TYPE[t]}",
+                   ylim=(0, None))
+        axes[0].legend()
+        _plots.save(fig, out, "initial_scales", paths)
     return paths
 
 
-EXPERIMENT = register(Experiment(
-    name="schedules",
-    description="Learn per-step, per-layer learning rates, momenta and initial scales "
-                "(paper fig. 2-3; 784-50-50-50-10, 100 steps).",
-    Config=Config, smoke=SMOKE, run=run, plot=plot))
+EXPERIMENT = Experiment(
+    "schedules", "Learn per-step, per-layer learning rates and momenta and per-layer initial "
+    "scales (paper fig. 2-5; 784-50-50-50-10, 100 SGD steps).", Config, SMOKE, run, plot)
 
 ADAM_EXPERIMENT = register(Experiment(
-    name="adam-schedules",
-    description="The schedules experiment with Adam inside: per-step, per-layer learning rates "
-                "and beta1 (b2 0.999 fixed) and initial scales, through exactly reversed Adam.",
-    Config=AdamConfig, smoke=ADAM_SMOKE, run=run, plot=plot))
+    "adam-schedules", "The schedules experiment with Adam inside: per-step, per-layer learning "
+    "rates and beta1 (b2 0.999 fixed) and initial scales, through exactly reversed Adam.",
+    AdamConfig, ADAM_SMOKE, run, plot))

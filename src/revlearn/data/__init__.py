@@ -26,6 +26,7 @@ from revlearn.data._mnist import (
     mnist_dir,
     one_hot,
 )
+from revlearn.data._omniglot import load_omniglot
 from revlearn.data._splits import class_balanced_indices, split, subtract_mean
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "download_mnist",
     "encode_idx",
     "load_mnist",
+    "load_omniglot",
     "mnist_dir",
     "one_hot",
     "parse_idx",

@@ -1,8 +1,7 @@
 """The `chaos` experiment's own logic: its meta-objective's exact hypergradients
 (through w_0 = exp(log_scale) z and alpha = exp(log_lr)) agree with unrolled
 autodiff and finite differences; a faulting grid point becomes NaN without
-sinking its chunk; the grid-consistency test tells smooth from wiggly; `full`
-gives the notebook's sweeps."""
+sinking its chunk; the grid-consistency test tells smooth from wiggly."""
 
 from __future__ import annotations
 
@@ -17,10 +16,6 @@ CFG = chaos.Config(sizes=(784, 8, 10), n_train=40, batch_size=20)
 STEPS = 3
 
 
-def _static(method="reversible", dtype="float64"):
-    return chaos._Static(CFG.sizes, CFG.batch_size, CFG.momentum, CFG.frac_bits, method, dtype)
-
-
 @pytest.fixture(scope="module")
 def problem():
     return chaos.make_problem(CFG)
@@ -29,14 +24,14 @@ def problem():
 @pytest.mark.parametrize("steps", [0, STEPS])
 def test_hypergradients_match_unrolled_and_finite_differences(problem, steps):
     p = np.array([[-1.0, 0.5]])
-    rev, bad = chaos.evaluate_points(p, problem, steps=steps, static=_static(), chunk=1)
+    rev, bad = chaos.evaluate_points(p, problem, steps=steps, config=CFG, chunk=1)
     assert not bad.any()
-    unr, _ = chaos.evaluate_points(p, problem, steps=steps, static=_static("unrolled"), chunk=1)
+    unr, _ = chaos.evaluate_points(p, problem, steps=steps, config=CFG, method="unrolled", chunk=1)
     np.testing.assert_allclose(rev[0, 0], unr[0, 0], rtol=1e-12)
     np.testing.assert_allclose(rev[0, 1:], unr[0, 1:], rtol=1e-8, atol=1e-12)
     h = 1e-5
     shifted = np.array([p[0] + [h, 0], p[0] - [h, 0], p[0] + [0, h], p[0] - [0, h]])
-    f, _ = chaos.evaluate_points(shifted, problem, steps=steps, static=_static("unrolled"),
+    f, _ = chaos.evaluate_points(shifted, problem, steps=steps, config=CFG, method="unrolled",
                                  grad=False, chunk=4)
     fd = np.array([(f[0, 0] - f[1, 0]) / (2 * h), (f[2, 0] - f[3, 0]) / (2 * h)])
     np.testing.assert_allclose(rev[0, 1:], fd, rtol=1e-5, atol=1e-9)
@@ -49,10 +44,10 @@ def test_hypergradients_match_unrolled_and_finite_differences(problem, steps):
 def test_a_faulting_point_becomes_nan_and_spares_its_chunk(problem):
     # alpha = e^14: the first update throws a weight out of the fixed-point range
     pts = np.array([[-1.0, 0.5], [-1.0, 14.0]])
-    vals, bad = chaos.evaluate_points(pts, problem, steps=STEPS, static=_static(), chunk=2)
+    vals, bad = chaos.evaluate_points(pts, problem, steps=STEPS, config=CFG, chunk=2)
     assert bad.tolist() == [False, True]
     assert np.all(np.isfinite(vals[0])) and np.all(np.isnan(vals[1]))
-    one, _ = chaos.evaluate_points(pts[:1], problem, steps=STEPS, static=_static(), chunk=1)
+    one, _ = chaos.evaluate_points(pts[:1], problem, steps=STEPS, config=CFG, chunk=1)
     np.testing.assert_array_equal(vals[0], one[0])
 
 
@@ -70,17 +65,11 @@ def test_grid_consistency_tells_smooth_from_wiggly():
     assert np.all(err[x[:-1] < -0.1] < 1e-2)
 
 
-def test_full_gives_the_notebook_sweeps_and_keeps_settings():
-    cfg = chaos.Config(full=True, lr=0.5).resolved()
-    assert not cfg.full and cfg.points == 100 and cfg.zoom_points == 100 and cfg.lr == 0.5
-    assert cfg.scale_steps == (0, 1, 5, 10, 20, 50, 400)
-    assert 400 in cfg.lr_steps and 400 in cfg.scale_zoom_steps and 400 in cfg.lr_zoom_steps
-    assert chaos.Config().resolved() == chaos.Config()
-
-
 def test_config_rejects_bad_settings():
-    with pytest.raises(ValueError, match="points"):
-        chaos.Config(points=1)
+    with pytest.raises(ValueError, match="lr_zoom_points"):
+        chaos.Config(lr_zoom_points=1)
+    with pytest.raises(ValueError, match="scale_zoom"):
+        chaos.Config(scale_zoom=(1.0, -2.0))
     with pytest.raises(ValueError, match="fd_h"):
         chaos.Config(fd_h=(1e-3, 0.0))
     with pytest.raises(ValueError, match="momentum"):

@@ -10,34 +10,24 @@ fixed standard normal draw z (every weight and bias) times a scale:
     v_{t+1} = gamma v_t - (1 - gamma) grad NLL(w_t; batch_t),  w_{t+1} = w_t + alpha v_{t+1}
     f(log_scale, log_lr) = NLL(w_T; all n training images)
 
-f and its exact gradient (d f / d log_scale, d f / d log_lr: one reversible
-backward pass gives both) are swept over a grid of one hyperparameter, the
-other held fixed, for several training lengths T (T = 0 is the loss at w_0).
-Grid points are evaluated with `jax.vmap` in chunks of `chunk` points.
+f and its exact gradient (d f / d log_scale, d f / d log_lr from one reversible
+backward pass) are swept over a grid of one hyperparameter, the other held
+fixed, for several training lengths T (T = 0 is the loss at w_0); grid points
+[B, 2] are evaluated with `jax.vmap`, B = `chunk` at a time, split over the
+devices by `split_population`.
 
-The notebook's question (the loss looks smooth while its gradient goes wild:
-numerical error or genuine chaos?) is answered at a few points on both sides:
-the exact reversible hypergradient is compared with
-
-* central finite differences (f(x + h) - f(x - h)) / 2h of the float64 loss
-  for h = 1e-2 .. 1e-8,
-* reverse-mode autodiff of the unrolled loop (`revlearn.Unrolled()`) in
-  float64 and in float32 (parameters, data and arithmetic in float32).
-
-If the exact gradient is right but huge, float64 autodiff agrees with it and
-finite differences converge to it once h is below the length scale of the
-wiggles of f; float32, whose rounding errors are amplified like the
-perturbations themselves, does not.
+At a few points the exact hypergradient is compared with central finite
+differences (f(x + h) - f(x - h)) / 2h of the float64 loss, and with reverse-mode
+autodiff of the unrolled loop (`revlearn.Unrolled()`) in float64 and float32.
 
 Grid-consistency: the gradient is informative at the grid's resolution when the
-secant slope between neighbouring grid points, s_i = (f_{i+1} - f_i) / h, matches
-the mean of the exact gradients at both ends, gbar_i = (g_i + g_{i+1}) / 2 (the
-trapezoid rule):
+secant slope s_i = (f_{i+1} - f_i) / h matches the trapezoid mean
+gbar_i = (g_i + g_{i+1}) / 2 of the exact gradients:
 
     |s_i - gbar_i| <= 0.5 max(|s_i|, |gbar_i|, 0.1 mean_j |s_j|)
 
-(the floor keeps flat stretches near a minimum, where both are ~0, from
-counting). It is reported per length as the first grid value where it fails.
+(the floor keeps flat stretches near a minimum from counting); reported per
+length as the first grid value where it fails.
 """
 
 from __future__ import annotations
@@ -45,40 +35,35 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import revlearn
-from revlearn import data as rdata
 from revlearn import models
-from revlearn.meta import RunDir, save_figure, split_population
+from revlearn.meta import RunDir, split_population
 
-from ._registry import Experiment, register
+from . import _plots
 from ._config import MnistConfig
-from ._validate import (
-    at_least,
-    check_decay,
-    check_pool,
-    check_range,
-    fail,
-    positive,
-    show,
-)
+from ._registry import Experiment
+from ._splits import mnist_splits
+from ._validate import at_least, check_decay, check_pool, check_range, fail, positive
 
-__all__ = ["Config", "run", "plot", "EXPERIMENT", "final_loss"]
+__all__ = ["Config", "run", "plot", "EXPERIMENT", "final_loss", "evaluate_points",
+           "grid_consistency", "first_inconsistent", "make_problem"]
+
+#: sweep: (hyperparameter, range field); its grid has `<sweep>_points`, lengths `<sweep>_steps`
+SWEEPS = {"scale": ("scale", "scale_range"), "scale_zoom": ("scale", "scale_zoom"),
+          "lr": ("lr", "lr_range"), "lr_zoom": ("lr", "lr_zoom")}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(MnistConfig):
-    """Settings of `chaos`. The defaults take a few minutes on 2 CPU cores;
-    `full=true` runs the notebook's full sweeps (100 points, up to 400 steps:
-    hours on a CPU)."""
+    """Settings of `chaos` (defaults: about 12 CPU-minutes, most of it the 500-point
+    learning-rate zoom)."""
 
     sizes: tuple[int, ...] = (784, 200, 50, 10)
     n_train: int = 1000
@@ -87,114 +72,57 @@ class Config(MnistConfig):
     lr: float = 1.0  # alpha during the scale sweeps
     log_scale: float = -2.0  # log initial scale during the learning-rate sweeps
     scale_range: tuple[float, float] = (-4.0, 1.0)
-    scale_zoom: tuple[float, float] = (-2.0, 1.0)
-    lr_range: tuple[float, float] = (-4.0, 3.0)
-    lr_zoom: tuple[float, float] = (0.5, 2.5)
-    points: int = 16  # grid points of each wide sweep
-    zoom_points: int = 20  # grid points of each zoom
+    scale_points: int = 16
     scale_steps: tuple[int, ...] = (0, 1, 5, 10, 20, 50)
+    scale_zoom: tuple[float, float] = (-2.0, 1.0)
+    scale_zoom_points: int = 20
     scale_zoom_steps: tuple[int, ...] = (10, 50)
+    lr_range: tuple[float, float] = (-4.0, 3.0)
+    lr_points: int = 16
     lr_steps: tuple[int, ...] = (10, 50)
+    lr_zoom: tuple[float, float] = (0.5, 2.5)  # the paper's figure 10
+    lr_zoom_points: int = 500
     lr_zoom_steps: tuple[int, ...] = (50,)
     fd_steps: int = 50
     fd_log_scales: tuple[float, ...] = (-2.0, 0.0, 1.0)  # at log_lr = log(lr)
-    fd_log_lrs: tuple[float, ...] = (0.0, 2.0, 2.5)  # at log_scale
+    fd_log_lrs: tuple[float, ...] = (0.0, 2.0, 2.5)  # at log_scale (both empty: no FD study)
     fd_h: tuple[float, ...] = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
     chunk: int = 8  # grid points per vmapped evaluation
     frac_bits: int = 52
-    full: bool = False  # the notebook's full sweeps: 100 points, lengths up to 400
 
     def check(self):
-        if len(self.sizes) < 2 or self.sizes[0] != 784 or self.sizes[-1] != 10 \
+        if len(self.sizes) < 2 or (self.sizes[0], self.sizes[-1]) != (784, 10) \
                 or min(self.sizes) < 1:
-            fail("sizes", self.sizes, "must start with 784, end with 10 and hold layer sizes "
-                 ">= 1", "pass e.g. sizes=784,200,50,10 (the default)")
-        at_least(self, 1, "n_train")
+            fail("sizes", self.sizes, "must run from 784 to 10 through layers of >= 1 units",
+                 "pass e.g. sizes=784,200,50,10 (the default)")
+        at_least(self, 1, "n_train", "chunk", "fd_steps")
+        at_least(self, 2, *(f"{s}_points" for s in SWEEPS))
         check_pool(self, "n_train")
-        check_range("batch_size", self.batch_size, 1, self.n_train,
-                    fix="pass batch_size <= n_train")
+        check_range("batch_size", self.batch_size, 1, self.n_train, fix="pass it <= n_train")
         check_decay("momentum", self.momentum)
         positive(self, "lr")
-        for name in ("scale_range", "scale_zoom", "lr_range", "lr_zoom"):
-            lo, hi = getattr(self, name)
-            if not lo < hi:
-                fail(name, getattr(self, name), "must be an interval lo,hi with lo < hi",
-                     f"pass e.g. {name}={show(_default_of(name))} (the default)")
-        at_least(self, 2, "points", "zoom_points")
-        at_least(self, 1, "chunk")
-        for name in ("scale_steps", "scale_zoom_steps", "lr_steps", "lr_zoom_steps"):
-            if any(t < 0 for t in getattr(self, name)):
-                fail(name, getattr(self, name), "must hold lengths >= 0",
-                     f"pass e.g. {name}={show(_default_of(name))} (the default)")
-        at_least(self, 1, "fd_steps")
-        if not self.fd_log_scales and not self.fd_log_lrs:
-            fail("fd_log_scales", self.fd_log_scales, "and fd_log_lrs=() are both empty",
-                 "give at least one point for the finite-difference study")
-        if not self.fd_h or any(h <= 0 for h in self.fd_h):
-            fail("fd_h", self.fd_h, "must hold positive step sizes",
-                 "pass e.g. fd_h=1e-2,1e-4,1e-6")
-        check_range("frac_bits", self.frac_bits, 8, 60,
-                    fix="pass the fixed point's fractional bits in [8, 60], e.g. frac_bits=52")
-
-    def resolved(self) -> Config:
-        """The settings actually run: with `full`, the notebook's full sweeps."""
-        if not self.full:
-            return self
-        return dataclasses.replace(
-            self, full=False, points=max(self.points, 100), zoom_points=max(self.zoom_points, 100),
-            scale_steps=tuple(sorted(set(self.scale_steps) | {0, 1, 5, 10, 20, 50, 400})),
-            scale_zoom_steps=tuple(sorted(set(self.scale_zoom_steps) | {10, 50, 400})),
-            lr_steps=tuple(sorted(set(self.lr_steps) | {10, 50, 400})),
-            lr_zoom_steps=tuple(sorted(set(self.lr_zoom_steps) | {50, 400})))
+        check_range("frac_bits", self.frac_bits, 8, 60, fix="pass e.g. frac_bits=52")
+        for bad, name, fix in [(not np.less(*getattr(self, r)), r, "pass lo,hi with lo < hi")
+                               for _, r in SWEEPS.values()] + [
+                (min(getattr(self, f"{s}_steps"), default=0) < 0, f"{s}_steps", "pass e.g. 10,50")
+                for s in SWEEPS] + [(min(self.fd_h, default=0) <= 0, "fd_h", "pass e.g. 1e-4")]:
+            if bad:
+                fail(name, getattr(self, name), "is out of range", fix)
 
 
-def _default_of(name: str):
-    return next(f.default for f in dataclasses.fields(Config) if f.name == name)
-
-
-SMOKE = Config(sizes=(784, 16, 10), n_train=100, batch_size=50, points=4, zoom_points=3,
-               scale_steps=(3,), scale_zoom_steps=(3,), lr_steps=(3,), lr_zoom_steps=(3,),
-               fd_steps=3, fd_log_scales=(-2.0, 1.0), fd_log_lrs=(0.0,), fd_h=(1e-3, 1e-6),
-               chunk=4)
+SMOKE = Config(sizes=(784, 16, 10), n_train=100, batch_size=50, scale_points=4,
+               scale_zoom_points=3, lr_points=4, lr_zoom_points=5, scale_steps=(0, 3),
+               scale_zoom_steps=(3,), lr_steps=(3,), lr_zoom_steps=(3,), fd_steps=3,
+               fd_log_scales=(-2.0, 1.0), fd_log_lrs=(0.0,), fd_h=(1e-3, 1e-6), chunk=4)
 
 
 # -- the problem -----------------------------------------------------------------
 
-class _Static(NamedTuple):
-    """Settings that fix a compiled program (a hashable jit static argument)."""
-
-    sizes: tuple
-    batch_size: int
-    momentum: float
-    frac_bits: int
-    method: str  # "reversible" | "unrolled"
-    dtype: str  # "float64" | "float32"
-
-
-class Problem(NamedTuple):
-    """The data and the fixed draws: training images, labels, z and the batch key."""
-
-    x: jax.Array
-    y: jax.Array
-    z: list
-    key: jax.Array
-
-
-def make_problem(config: Config) -> Problem:
-    pool = rdata.load_mnist(config.data, config.data_dir)
-    train = rdata.split(pool, {"train": config.n_train}, config.seed)["train"]
-    z, key = _draws(config.seed, tuple(config.sizes))
-    return Problem(jnp.asarray(train.images, jnp.float64), jnp.asarray(train.onehot, jnp.float64),
-                   z, key)
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _draws(seed, sizes):
-    """z (every weight and bias ~ N(0, 1)) and the minibatch key, from the seed
-    (one compiled program rather than one per random op)."""
-    base = jax.random.PRNGKey(seed)
-    z = models.mlp_init(jax.random.fold_in(base, 0), list(sizes), scale=1.0, dtype=jnp.float64)
-    return z, jax.random.fold_in(base, 1)
+def make_problem(config: Config) -> dict:
+    """The training images x and labels y, the draw z, the minibatch key."""
+    (x, y), base = mnist_splits(config, "train")["train"], jax.random.PRNGKey(config.seed)
+    z = models.mlp_init(jax.random.fold_in(base, 0), list(config.sizes), 1.0, jnp.float64)
+    return {"x": x, "y": y, "z": z, "key": jax.random.fold_in(base, 1)}
 
 
 def _train_loss(params, h, step, *, batch_size):
@@ -202,79 +130,63 @@ def _train_loss(params, h, step, *, batch_size):
     return models.nll(models.mlp_apply(params, xb), yb)
 
 
-def final_loss(log_scale, log_lr, problem: Problem, *, steps: int, static: _Static):
-    """f(log_scale, log_lr): the training NLL after `steps` steps from exp(log_scale) * z."""
-    dt = jnp.dtype(static.dtype)
-    x, y = problem.x.astype(dt), problem.y.astype(dt)
-    params = jax.tree_util.tree_map(lambda a: (jnp.exp(log_scale) * a).astype(dt), problem.z)
+def final_loss(log_scale, log_lr, problem, *, steps, config, method="reversible",
+               dtype="float64"):
+    """f(log_scale, log_lr) after `steps` steps of `Reversible` or ("unrolled") `Unrolled`."""
+    x, y = (problem[k].astype(dtype) for k in "xy")
+    params = jax.tree_util.tree_map(lambda a: (jnp.exp(log_scale) * a).astype(dtype),
+                                    problem["z"])
     if steps > 0:
-        method = (revlearn.Reversible(frac_bits=static.frac_bits) if static.method == "reversible"
-                  else revlearn.Unrolled())
         params = revlearn.sgd(
-            functools.partial(_train_loss, batch_size=static.batch_size), params,
-            {"x": x, "y": y, "key": problem.key}, lr=jnp.exp(log_lr).astype(dt),
-            momentum=static.momentum, steps=steps, method=method)
+            functools.partial(_train_loss, batch_size=config.batch_size), params,
+            {"x": x, "y": y, "key": problem["key"]}, lr=jnp.exp(log_lr).astype(dtype),
+            momentum=config.momentum, steps=steps,
+            method=(revlearn.Reversible(frac_bits=config.frac_bits) if method == "reversible"
+                    else revlearn.Unrolled()))
     return models.nll(models.mlp_apply(params, x), y).astype(jnp.float64)
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "static", "grad"))
-def _evaluate(points, problem, *, steps: int, static: _Static, grad: bool):
-    """points [B, 2] of (log_scale, log_lr) -> [B, 3] of (f, df/dlog_scale, df/dlog_lr)
-    (the gradients are NaN when `grad` is False)."""
+@functools.partial(jax.jit, static_argnames=("steps", "config", "method", "dtype", "grad"))
+def _evaluate(points, problem, *, grad, **static):
+    """points [B, 2] of (log_scale, log_lr) -> [B, 3] of (f, df/dlog_scale, df/dlog_lr)."""
+    f = functools.partial(final_loss, problem=problem, **static)
 
     def one(p):
-        f = lambda s, a: final_loss(s, a, problem, steps=steps, static=static)  # noqa: E731
-        if grad:
-            value, (gs, ga) = jax.value_and_grad(f, argnums=(0, 1))(p[0], p[1])
-        else:
-            value, gs, ga = f(p[0], p[1]), jnp.nan, jnp.nan
+        if not grad:
+            return jnp.stack([f(p[0], p[1]), jnp.nan, jnp.nan])
+        value, (gs, ga) = jax.value_and_grad(f, (0, 1))(p[0], p[1])
         return jnp.stack([value, gs, ga])
 
     points, gather = split_population(points)
     return gather(jax.vmap(one)(points))
 
 
-def evaluate_points(points, problem, *, steps, static, grad=True, chunk=8, log=None):
-    """`_evaluate` over any number of points in chunks of `chunk` (the last one padded).
-
-    A chunk whose run faults (e.g. a weight leaves the fixed-point range at a huge
-    learning rate) is redone point by point; the points that still fault get NaN.
-    Returns ([N, 3] values, [N] bool faulted).
-    """
+def evaluate_points(points, problem, *, chunk=8, grad=True, **static):
+    """`_evaluate` over N points, `chunk` at a time (the last chunk padded). A chunk whose
+    run faults (a weight leaving the fixed-point range) is redone point by point; points
+    that fault again get NaN. Returns ([N, 3] values, [N] bool faulted)."""
     points = np.asarray(points, np.float64).reshape(-1, 2)
-    n = points.shape[0]
-    out = np.full((n, 3), np.nan)
-    faulted = np.zeros(n, bool)
-    chunk = max(1, min(chunk, n))
-    for start in range(0, n, chunk):
-        part = points[start:start + chunk]
-        pad = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)], 0)
+    out, faulted = np.full((len(points), 3), np.nan), np.zeros(len(points), bool)
+    ev = functools.partial(_evaluate, problem=problem, grad=grad,
+                           **{**static, "config": static["config"].program()})
+    chunk = min(chunk, len(points))
+    for start in range(0, len(points), chunk):
+        part, at = points[start:start + chunk], slice(start, start + chunk)
         try:
-            res = np.asarray(_evaluate(jnp.asarray(pad), problem, steps=steps, static=static,
-                                       grad=grad))
-            out[start:start + len(part)] = res[:len(part)]
+            out[at] = np.asarray(ev(np.concatenate([part, np.repeat(part[-1:], chunk - len(part),
+                                                                    0)])))[:len(part)]
         except (revlearn.ReversibleError, jax.errors.JaxRuntimeError):
-            for i, p in enumerate(part):
-                try:
-                    res = _evaluate(jnp.asarray(p[None]), problem, steps=steps, static=static,
-                                    grad=grad)
-                    out[start + i] = np.asarray(res)[0]
-                except (revlearn.ReversibleError, jax.errors.JaxRuntimeError) as e:
-                    faulted[start + i] = True
-                    if log:
-                        log(f"    fault at (log_scale, log_lr) = ({p[0]:.3f}, {p[1]:.3f}), "
-                            f"T={steps}: {str(e).splitlines()[0][:160]}")
+            if chunk > 1:
+                out[at], faulted[at] = evaluate_points(part, problem, chunk=1, grad=grad, **static)
+            faulted[at] |= chunk == 1
     return out, faulted
 
-
-# -- analysis --------------------------------------------------------------------
 
 def grid_consistency(x, f, g):
     """Relative mismatch [N-1] between the secant slopes of f and the trapezoid mean of
     its gradients g on the grid x (see the module docstring)."""
     x, f, g = (np.asarray(a, np.float64) for a in (x, f, g))
-    secant = np.diff(f) / np.diff(x)
-    mean_g = 0.5 * (g[1:] + g[:-1])
+    secant, mean_g = np.diff(f) / np.diff(x), 0.5 * (g[1:] + g[:-1])
     floor = 0.1 * np.nanmean(np.abs(secant)) if np.isfinite(secant).any() else 0.0
     scale = np.maximum(np.maximum(np.abs(secant), np.abs(mean_g)), max(floor, 1e-300))
     return np.abs(secant - mean_g) / scale
@@ -282,169 +194,78 @@ def grid_consistency(x, f, g):
 
 def first_inconsistent(x, f, g, tol=0.5):
     """The left end of the first grid interval whose mismatch exceeds `tol`, or None."""
-    err = grid_consistency(x, f, g)
-    bad = np.flatnonzero(~(err <= tol))
+    bad = np.flatnonzero(~(grid_consistency(x, f, g) <= tol))
     return float(x[bad[0]]) if bad.size else None
 
 
-#: |hypergradient| above which we call it exploded: a change of 0.1 in the log
-#: hyperparameter would move the loss by more than 1 nat if f were linear.
-EXPLODED = 10.0
-
-
-def _rel(a, b):
-    return float(abs(a - b) / max(abs(b), 1e-300))
-
-
-def _finite_or_none(v):
-    v = float(v)
-    return v if math.isfinite(v) else None
+def _rel(a, exact):
+    return np.abs(a - exact) / np.maximum(np.abs(exact), 1e-300)
 
 
 # -- run -------------------------------------------------------------------------
 
-_BLOCKS = (  # name, hyperparameter swept, range field, points field, lengths field
-    ("scale_sweep", "scale", "scale_range", "points", "scale_steps"),
-    ("scale_zoom", "scale", "scale_zoom", "zoom_points", "scale_zoom_steps"),
-    ("lr_sweep", "lr", "lr_range", "points", "lr_steps"),
-    ("lr_zoom", "lr", "lr_zoom", "zoom_points", "lr_zoom_steps"),
-)
-
-
-def _grid_points(config: Config, hyper: str, lo: float, hi: float, n: int):
-    grid = np.linspace(lo, hi, n)
-    if hyper == "scale":
-        return grid, np.stack([grid, np.full(n, math.log(config.lr))], 1)
-    return grid, np.stack([np.full(n, config.log_scale), grid], 1)
-
-
 def run(config: Config, run_dir: RunDir) -> dict:
-    t_start = time.perf_counter()
-    cfg = config.resolved()
-    problem = make_problem(cfg)
+    t_start, problem = time.perf_counter(), make_problem(config)
+    run_dir.truncate_metrics(0)  # one record per sweep and length, written afresh
 
-    def log(msg):
-        if run_dir.progress:
-            print(msg, file=sys.stderr, flush=True)
-
-    def static(method="reversible", dtype="float64"):
-        return _Static(tuple(cfg.sizes), cfg.batch_size, cfg.momentum, cfg.frac_bits, method, dtype)
-
-    def cached(tag, points, compute):
-        """compute() -> (values, faulted), saved as block_<tag>.npz; an interrupted run
-        continued with --resume reuses the blocks it finished (same points)."""
-        name = f"block_{tag}"
-        if run_dir.resume and run_dir.has_arrays(name):
-            saved = run_dir.load_arrays(name)
-            if saved["points"].shape == points.shape and np.array_equal(saved["points"], points):
-                log(f"chaos: {tag}: reusing the saved results (--resume)")
+    def cached(tag, points, **kw):
+        """evaluate_points(points, **kw), saved as block_<tag>; --resume reuses it."""
+        if run_dir.resume and run_dir.has_arrays(f"block_{tag}"):
+            saved = run_dir.load_arrays(f"block_{tag}")
+            if np.array_equal(saved["points"], points):
                 return saved["values"], saved["faulted"].astype(bool)
-        values, faulted = compute()
-        run_dir.save_arrays(name, {"points": points, "values": values, "faulted": faulted})
+        values, faulted = evaluate_points(points, problem, config=config, **kw)
+        run_dir.save_arrays(f"block_{tag}", {"points": points, "values": values,
+                                             "faulted": faulted})
         return values, faulted
 
-    run_dir.truncate_metrics(0)  # one record per block, written afresh (resumed or not)
-    arrays = {}
-    summary: dict = {}
-    record_i = 0
-    # Group every (log_scale, log_lr) point of every block by length T, so each
-    # length compiles once.
-    jobs: dict[int, list] = {}
-    for name, hyper, rng, npts, lengths in _BLOCKS:
-        lo, hi = getattr(cfg, rng)
-        grid, pts = _grid_points(cfg, hyper, lo, hi, getattr(cfg, npts))
-        arrays[f"{name}/grid"] = grid
-        arrays[f"{name}/steps"] = np.asarray(getattr(cfg, lengths), np.int64)
-        for T in getattr(cfg, lengths):
-            jobs.setdefault(int(T), []).append((name, hyper, pts))
-    fd_pts = ([(s, math.log(cfg.lr)) for s in cfg.fd_log_scales]
-              + [(cfg.log_scale, a) for a in cfg.fd_log_lrs])
-    fd_kind = ["scale"] * len(cfg.fd_log_scales) + ["lr"] * len(cfg.fd_log_lrs)
-    jobs.setdefault(cfg.fd_steps, []).append(("fd", None, np.asarray(fd_pts, np.float64)))
-
-    for T in sorted(jobs):
-        t0 = time.perf_counter()
-        allpts = np.concatenate([p for _, _, p in jobs[T]], 0)
-        log(f"chaos: T={T}: {len(allpts)} points (reversible value and gradient)")
-        vals, bad = cached(f"T{T}", allpts, lambda T=T, allpts=allpts: evaluate_points(
-            allpts, problem, steps=T, static=static(), chunk=cfg.chunk, log=log))
-        k = 0
-        for name, hyper, pts in jobs[T]:
-            v, b = vals[k:k + len(pts)], bad[k:k + len(pts)]
-            k += len(pts)
-            arrays[f"{name}/T{T}/loss"] = v[:, 0]
-            arrays[f"{name}/T{T}/grad"] = v[:, 1] if hyper == "scale" else v[:, 2]
-            arrays[f"{name}/T{T}/fault"] = b
-            if name == "fd":
-                arrays["fd/reversible"] = np.where(
-                    np.array([kk == "scale" for kk in fd_kind]), v[:, 1], v[:, 2])
-                arrays["fd/loss"] = v[:, 0]
-                continue
-            g = np.abs(arrays[f"{name}/T{T}/grad"])
-            run_dir.append_metrics({
-                "iteration": record_i, "block": name, "steps": T, "points": len(pts),
-                "faults": int(b.sum()), "max_abs_grad": _finite_or_none(np.nanmax(g))
-                if np.isfinite(g).any() else None,
-                "wall_time_s": time.perf_counter() - t0})
-            record_i += 1
-
-    # -- the finite-difference / precision study at the FD points --------------
-    t0 = time.perf_counter()
-    T = cfg.fd_steps
-    fd_pts = np.asarray(fd_pts, np.float64)
-    log(f"chaos: finite differences at {len(fd_pts)} points, T={T}, h in {list(cfg.fd_h)}")
-    shifted = []
-    for p, kind in zip(fd_pts, fd_kind):
-        d = np.array([1.0, 0.0]) if kind == "scale" else np.array([0.0, 1.0])
-        for h in cfg.fd_h:
-            shifted += [p + h * d, p - h * d]
-    shifted = np.asarray(shifted)
-    fvals, fbad = cached("fd_shifted", shifted, lambda: evaluate_points(
-        shifted, problem, steps=T, static=static("unrolled", "float64"), grad=False,
-        chunk=cfg.chunk, log=log))
-    fv = fvals[:, 0].reshape(len(fd_pts), len(cfg.fd_h), 2)
-    arrays["fd/h"] = np.asarray(cfg.fd_h, np.float64)
-    arrays["fd/points"] = fd_pts
-    arrays["fd/is_scale"] = np.array([k == "scale" for k in fd_kind])
-    arrays["fd/fd"] = (fv[..., 0] - fv[..., 1]) / (2 * np.asarray(cfg.fd_h)[None, :])
-    log(f"chaos: unrolled autodiff (float64 and float32) at {len(fd_pts)} points, T={T}")
-    ucap = max(1, min(cfg.chunk, 2))  # the unrolled tape holds every step
-    for dt in ("float64", "float32"):
-        v, b = cached(f"unrolled_{dt}", fd_pts, lambda dt=dt: evaluate_points(
-            fd_pts, problem, steps=T, static=static("unrolled", dt), chunk=ucap, log=log))
-        arrays[f"fd/unrolled_{dt}"] = np.where(arrays["fd/is_scale"], v[:, 1], v[:, 2])
-        arrays[f"fd/loss_{dt}"] = v[:, 0]
-    run_dir.append_metrics({"iteration": record_i, "block": "fd", "steps": T,
-                            "points": len(fd_pts), "faults": int(fbad.sum()),
-                            "wall_time_s": time.perf_counter() - t0})
-    run_dir.save_arrays("results", arrays)
-
-    # -- headline numbers -----------------------------------------------------
-    for name, hyper, _, _, lengths in _BLOCKS:
-        grid = arrays[f"{name}/grid"]
-        for T in getattr(cfg, lengths):
-            f, g = arrays[f"{name}/T{T}/loss"], arrays[f"{name}/T{T}/grad"]
-            if np.isfinite(g).any():
-                summary[f"{name}_T{T}_max_abs_grad"] = _finite_or_none(np.nanmax(np.abs(g)))
-            edge = first_inconsistent(grid, f, g) if T > 0 else None
-            summary[f"{name}_T{T}_gradient_uninformative_from"] = (
-                "none" if edge is None else round(edge, 4))
-            big = np.flatnonzero(np.abs(g) > EXPLODED)
-            summary[f"{name}_T{T}_abs_grad_above_{EXPLODED:g}_from"] = (
-                "none" if big.size == 0 else round(float(grid[big[0]]), 4))
-    rev = arrays["fd/reversible"]
-    for i, (p, kind) in enumerate(zip(fd_pts, fd_kind)):
-        tag = (f"fd_log_scale_{p[0]:g}" if kind == "scale" else f"fd_log_lr_{p[1]:g}")
-        summary[f"{tag}_reversible_grad"] = _finite_or_none(rev[i])
-        summary[f"{tag}_relerr_unrolled_float64"] = _finite_or_none(
-            _rel(arrays["fd/unrolled_float64"][i], rev[i]))
-        summary[f"{tag}_relerr_unrolled_float32"] = _finite_or_none(
-            _rel(arrays["fd/unrolled_float32"][i], rev[i]))
-        errs = [abs(fd - rev[i]) / max(abs(rev[i]), 1e-300) for fd in arrays["fd/fd"][i]]
-        ok = np.isfinite(errs)
-        best = int(np.flatnonzero(ok)[np.argmin(np.asarray(errs)[ok])]) if ok.any() else None
-        summary[f"{tag}_best_fd_relerr"] = None if best is None else float(errs[best])
-        summary[f"{tag}_best_fd_h"] = None if best is None else float(cfg.fd_h[best])
+    res, summary = {}, {}
+    for name, (hyper, rng) in SWEEPS.items():
+        grid = res[f"{name}/grid"] = np.linspace(*getattr(config, rng),
+                                                 getattr(config, f"{name}_points"))
+        res[f"{name}/steps"] = np.asarray(getattr(config, f"{name}_steps"), np.int64)
+        fixed = np.full_like(grid, math.log(config.lr) if hyper == "scale" else config.log_scale)
+        pts = np.stack([grid, fixed] if hyper == "scale" else [fixed, grid], 1)
+        for T in res[f"{name}/steps"]:  # one compiled program per length, shared by the sweeps
+            t0 = time.perf_counter()
+            v, bad = cached(f"{name}_T{T}", pts, steps=int(T), chunk=config.chunk)
+            f, g = v[:, 0], v[:, 1 + (hyper == "lr")]
+            res.update({f"{name}/T{T}/loss": f, f"{name}/T{T}/grad": g, f"{name}/T{T}/fault": bad})
+            big, edge = np.flatnonzero(np.abs(g) > 1), first_inconsistent(grid, f, g) if T else None
+            summary.update({f"{name}_T{T}_{k}": v for k, v in {
+                "max_abs_grad": float(np.nanmax(np.abs(g))), "min_loss": float(np.nanmin(f)),
+                "argmin": round(float(grid[np.nanargmin(f)]), 4),
+                "abs_grad_above_1_from": round(float(grid[big[0]]), 4) if big.size else "none",
+                "gradient_uninformative_from": "none" if edge is None else round(edge, 4),
+                "faults": int(bad.sum())}.items()})
+            run_dir.append_metrics({"iteration": len(run_dir.read_metrics()), "sweep": name,
+                                    "steps": int(T), "wall_time_s": time.perf_counter() - t0})
+    pts = np.asarray([(s, math.log(config.lr)) for s in config.fd_log_scales]
+                     + [(config.log_scale, a) for a in config.fd_log_lrs]).reshape(-1, 2)
+    if len(pts):  # the finite-difference / precision study at T = fd_steps
+        T, h, col = config.fd_steps, np.asarray(config.fd_h), np.arange(len(pts))
+        is_scale = col < len(config.fd_log_scales)
+        grad = lambda v: v[col, 2 - is_scale]  # noqa: E731  (d/dlog s or d/dlog alpha)
+        unit = np.stack([is_scale, ~is_scale], 1)[:, None, None]
+        shifted = (pts[:, None, None] + np.array([1.0, -1.0])[:, None] * h[:, None, None]
+                   * unit).reshape(-1, 2)
+        fv = cached("fd_shifted", shifted, steps=T, method="unrolled", grad=False,
+                    chunk=config.chunk)[0][:, 0].reshape(len(pts), len(h), 2)
+        res.update({"fd/h": h, "fd/points": pts, "fd/is_scale": is_scale,
+                    "fd/fd": (fv[..., 0] - fv[..., 1]) / (2 * h),
+                    "fd/exact": grad(cached("fd_exact", pts, steps=T, chunk=config.chunk)[0])})
+        for dt in ("float64", "float32"):  # the unrolled tape holds every step: 2 at a time
+            res[f"fd/unrolled_{dt}"] = grad(cached(f"unrolled_{dt}", pts, steps=T, dtype=dt,
+                                                   method="unrolled", chunk=2)[0])
+        for i, p in enumerate(pts):
+            err, rev = _rel(res["fd/fd"][i], res["fd/exact"][i]), res["fd/exact"][i]
+            tag = f"fd_log_scale_{p[0]:g}" if is_scale[i] else f"fd_log_lr_{p[1]:g}"
+            summary.update({f"{tag}_{k}": v for k, v in {
+                "reversible_grad": float(rev), "best_fd_h": float(h[np.nanargmin(err)]),
+                "best_fd_relerr": float(np.nanmin(err)),
+                **{f"relerr_unrolled_{dt}": float(_rel(res[f"fd/unrolled_{dt}"][i], rev))
+                   for dt in ("float64", "float32")}}.items()})
+    run_dir.save_arrays("results", res)
     summary["wall_time_s"] = time.perf_counter() - t_start
     plot(run_dir.path)
     return summary
@@ -452,151 +273,102 @@ def run(config: Config, run_dir: RunDir) -> dict:
 
 # -- plot ------------------------------------------------------------------------
 
-_LABEL = {"scale": r"log initial scale $\log s$", "lr": r"log learning rate $\log \alpha$"}
-_GLABEL = {"scale": r"$\partial f / \partial \log s$", "lr": r"$\partial f / \partial \log \alpha$"}
-_TITLE = {"scale_sweep": "initial scale", "scale_zoom": "initial scale (zoom)",
-          "lr_sweep": "learning rate", "lr_zoom": "learning rate (zoom)"}
+_X = {"scale": r"log initial scale $\log s$", "lr": r"log learning rate $\log \alpha$"}
+_G = {"scale": r"$\partial f / \partial \log s$", "lr": r"$\partial f / \partial \log \alpha$"}
 
 
 def _sweep_figure(res, cfg, name, hyper):
-    from matplotlib.figure import Figure
-
-    grid = res[f"{name}/grid"]
-    lengths = [int(t) for t in res[f"{name}/steps"]]
-    n = len(lengths)
-    fig = Figure(figsize=(max(7.5, 2.9 * n + 1.0), 5.8), layout="constrained")
-    axes = np.asarray(fig.subplots(2, n, sharex=True, squeeze=False))
-    for j, T in enumerate(lengths):
-        f, g = res[f"{name}/T{T}/loss"], res[f"{name}/T{T}/grad"]
-        bad = res[f"{name}/T{T}/fault"].astype(bool)
-        a1, a2 = axes[0, j], axes[1, j]
-        a1.plot(grid, f, ".-", color="C0", ms=4)
-        a1.set_yscale("log")
-        a1.set_title(f"T = {T} step{'s' if T != 1 else ''}")
-        a2.plot(grid, g, ".-", color="C3", ms=4)
-        lin = 1.0
-        a2.set_yscale("symlog", linthresh=lin)
-        a2.axhspan(-lin, lin, color="0.92", zorder=0)
-        if bad.any():
-            for ax in (a1, a2):
-                for xb in grid[bad]:
-                    ax.axvline(xb, color="0.6", lw=0.8, ls=":")
-            a1.text(0.02, 0.95, f"{int(bad.sum())} faulted (dotted)", transform=a1.transAxes,
-                    fontsize=7, va="top")
-        a2.set_xlabel(_LABEL[hyper])
-        for ax in (a1, a2):
-            ax.grid(alpha=0.3)
-        if T == 0 and hyper == "lr":
-            a2.text(0.5, 0.5, "no training:\ngradient is 0", transform=a2.transAxes,
-                    ha="center", va="center", fontsize=8)
+    grid, lengths = res[f"{name}/grid"], [int(t) for t in res[f"{name}/steps"]]
+    fig, axes = _plots.figure(len(lengths), 2, width=max(7.5, 2.9 * len(lengths) + 1),
+                              height=5.8, sharex=True)
+    axes = np.reshape(axes, (2, -1))
+    style = dict(marker=".", ms=4) if len(grid) <= 60 else dict(lw=0.7)
+    for (a1, a2), T in zip(axes.T, lengths):
+        f, g, bad = (res[f"{name}/T{T}/{k}"] for k in ("loss", "grad", "fault"))
+        a1.plot(grid, f, color="C0", **style)
+        a2.plot(grid, g, color="C3", **style)
+        _plots.plain_log(a1)
+        if np.nanmax(f) > 300 * np.nanmin(f):  # label the decades only
+            a1.yaxis.set_minor_formatter("")
+        a1.set_title(f"T = {T} step{'s' * (T != 1)}"
+                     + (f" ({int(bad.sum())} faulted points: gaps)" if bad.any() else ""))
+        a2.set_yscale("symlog", linthresh=1.0)
+        ticks = [0.0]  # and 3 or fewer decades per sign: no crowded labels round the band
+        for sign in (1, -1):
+            e = int(np.log10(max(1.0, np.nanmax(np.append(sign * g, 0)))))
+            ticks += [sign * 10.0 ** k for k in range(-(-e // 3), e + 1, -(-e // 3) or 1)]
+        a2.set_yticks(ticks)
+        a2.minorticks_off()
+        a2.axhspan(-1.0, 1.0, color="0.93", zorder=0)
+        a2.set_xlabel(_X[hyper])
     axes[0, 0].set_ylabel("final training loss f\n(NLL, nats, log scale)")
-    axes[1, 0].set_ylabel(f"exact hypergradient {_GLABEL[hyper]}\n(symlog, linear in grey band)")
-    fixed = (rf"$\alpha$ = {cfg.get('lr', 1.0):g}" if hyper == "scale"
-             else rf"$\log s$ = {cfg.get('log_scale', -2.0):g}")
-    fig.suptitle(f"Training loss f and its exact (reversible) hypergradient vs the "
-                 f"{_TITLE[name]}\n{fixed}, $\\gamma$ = {cfg.get('momentum', 0.9):g}, "
-                 f"{cfg.get('n_train', 1000)} examples, "
-                 f"MLP {'-'.join(str(s) for s in cfg.get('sizes', []))}",
-                 fontsize=10)
+    axes[1, 0].set_ylabel(f"exact hypergradient {_G[hyper]}\n(symlog, linear in grey band)")
+    fixed = (rf"$\alpha$ = {cfg['lr']:g}" if hyper == "scale"
+             else rf"$\log s$ = {cfg['log_scale']:g}")
+    fig.suptitle(f"Training loss f and its exact (reversible) hypergradient, {len(grid)} grid "
+                 f"points\n{fixed}, $\\gamma$ = {cfg['momentum']:g}, {cfg['n_train']} examples, "
+                 f"MLP {'-'.join(map(str, cfg['sizes']))}")
     return fig
 
 
-def _growth_figure(res, cfg):
-    """|df/dlog s| against T at a few initial scales (from the wide scale sweep)."""
-    from matplotlib.figure import Figure
-
-    grid = res["scale_sweep/grid"]
-    lengths = [int(t) for t in res["scale_sweep/steps"] if t > 0]
-    fig = Figure(figsize=(6.5, 4.3), layout="constrained")
-    ax = fig.subplots()
-    cmap = __import__("matplotlib").colormaps["viridis"]
-    idx = sorted({int(np.argmin(np.abs(grid - s))) for s in (-4, -3, -2, -1, 0, 0.5, 1)})
-    for k, i in enumerate(idx):
-        g = [abs(res[f"scale_sweep/T{T}/grad"][i]) for T in lengths]
-        ax.plot(lengths, g, "o-", color=cmap(k / max(1, len(idx) - 1)),
-                label=rf"$\log s$ = {grid[i]:.2f}")
-    ax.set_yscale("log")
-    ax.set_xlabel("training steps T")
-    ax.set_ylabel(r"$|\partial f / \partial \log s|$ (exact, log scale)")
-    ax.set_title(rf"Growth of the hypergradient with training length "
-                 rf"($\alpha$ = {cfg.get('lr', 1.0):g})")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, title="initial scale")
+def _paper_view(res, T):
+    """The zoom on the paper's figure-10 axes: linear, cut at [0, 0.5] and [-0.5, 0.5]."""
+    grid = res["lr_zoom/grid"]
+    fig, axes = _plots.figure(1, 2, width=7, height=5.5, sharex=True)
+    for ax, key, lim in zip(axes, ("loss", "grad"), ((0, 0.5), (-0.5, 0.5))):
+        y = res[f"lr_zoom/T{T}/{key}"]
+        out = ~((y >= lim[0]) & (y <= lim[1]))
+        ax.plot(grid, np.clip(y, *lim), color="C0" if key == "loss" else "k", lw=0.8)
+        ax.plot(grid[out], np.clip(np.nan_to_num(y[out]), *lim), "|", color="C3", ms=5,
+                label=f"{int(out.sum())} of {len(y)} points beyond the axis (drawn at its edge)")
+        ax.set(ylim=(lim[0] - 0.02, lim[1] + 0.02),
+               ylabel="training loss f" if key == "loss" else _G["lr"])
+        ax.legend(loc="upper left", fontsize=7)
+    axes[1].set_xlabel(_X["lr"])
+    fig.suptitle(f"The learning-rate zoom on the paper's figure-10 axes (T = {T})")
     return fig
 
 
-def _fd_figure(res, cfg):
-    from matplotlib.figure import Figure
-
-    h, fd, rev = res["fd/h"], res["fd/fd"], res["fd/reversible"]
-    pts, is_scale = res["fd/points"], res["fd/is_scale"].astype(bool)
-    u64, u32 = res["fd/unrolled_float64"], res["fd/unrolled_float32"]
-    n = len(rev)
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.25, 1]})
-    labels = []
-    for i in range(n):
-        lab = (rf"$\log s$={pts[i, 0]:g}" if is_scale[i] else rf"$\log\alpha$={pts[i, 1]:g}")
-        lab += rf" ($|g|$={abs(rev[i]):.2g})"
-        labels.append(lab)
-        err = np.abs(fd[i] - rev[i]) / np.maximum(np.abs(rev[i]), 1e-300)
-        ax1.plot(h, np.maximum(err, 1e-17), "osD^vP"[i % 6] + "-", color=f"C{i}", label=lab,
-                 ms=7 - 0.7 * (i % 6), alpha=0.85)
-    ax1.set_xscale("log")
-    ax1.set_yscale("log")
-    ax1.invert_xaxis()
-    ax1.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax1.text(h[0], 1.3, "100% error", fontsize=8)
-    ax1.set_xlabel("finite-difference step h (shrinking to the right)")
-    ax1.set_ylabel("|FD - exact| / |exact|")
-    ax1.set_title(f"Central finite differences vs exact hypergradient (T = {cfg.get('fd_steps')})")
-    ax1.grid(alpha=0.3, which="both")
-    ax1.legend(fontsize=8)
-    x = np.arange(n)
-    e64 = np.abs(u64 - rev) / np.maximum(np.abs(rev), 1e-300)
-    e32 = np.abs(u32 - rev) / np.maximum(np.abs(rev), 1e-300)
-    best = np.nanmin(np.abs(fd - rev[:, None]) / np.maximum(np.abs(rev[:, None]), 1e-300), 1)
-    w = 0.27
-    ax2.bar(x - w, np.maximum(e64, 1e-17), w, label="unrolled autodiff, float64", color="C0")
-    ax2.bar(x, np.maximum(e32, 1e-17), w, label="unrolled autodiff, float32", color="C1")
-    ax2.bar(x + w, np.maximum(best, 1e-17), w, label="finite difference, best h", color="0.6")
-    ax2.set_yscale("log")
-    ax2.set_ylim(top=1e5)
-    ax2.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax2.set_xticks(x)
-    ax2.set_xticklabels([lab.replace(" (", "\n(") for lab in labels], fontsize=7)
-    ax2.set_ylabel("relative difference from exact reversible")
-    ax2.set_title("Other gradients vs the exact reversible one")
-    ax2.grid(alpha=0.3, axis="y", which="both")
-    ax2.legend(fontsize=8, loc="upper left")
-    fig.suptitle("Numerical error or genuine chaos? (float64 FD of the loss; "
-                 "relative errors below 1e-17 drawn at 1e-17)")
+def _fd_figure(res, T):
+    """One panel per point: the FD error against h, the unrolled gradients' errors."""
+    h, fd, rev, pts = res["fd/h"], res["fd/fd"], res["fd/exact"], res["fd/points"]
+    fig, axes = _plots.figure(len(rev), width=2.6 * len(rev) + 1.2, height=4.6, sharey=True)
+    for i, ax in enumerate(np.atleast_1d(axes)):
+        ax.plot(h, np.maximum(_rel(fd[i], rev[i]), 1e-17), "o-", color="0.3",
+                label="central finite difference")
+        for dt, c, ls in (("float64", "C0", "-"), ("float32", "C1", "--")):
+            ax.axhline(max(_rel(res[f"fd/unrolled_{dt}"][i], rev[i]), 1e-17), color=c, ls=ls,
+                       lw=1.5, label=f"unrolled autodiff, {dt}")
+        ax.axhline(1.0, color="C3", lw=0.8, ls=":", label="100% error")
+        what = (rf"$\log s$ = {pts[i, 0]:g}" if res["fd/is_scale"][i]
+                else rf"$\log\alpha$ = {pts[i, 1]:g}")
+        ax.set(xscale="log", yscale="log", xlim=(h.max() * 3, h.min() / 3), xlabel="FD step h",
+               title=f"{what}\nexact gradient {rev[i]:.3g}")
+    np.atleast_1d(axes)[0].set_ylabel("|other - exact| / |exact|\n(below 1e-17 drawn at 1e-17)")
+    fig.legend(*np.atleast_1d(axes)[0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=4)
+    fig.suptitle("Numerical error or genuine chaos? Finite differences of the float64 loss and "
+                 f"unrolled autodiff\nagainst the exact reversible hypergradient (T = {T})")
     return fig
 
 
+@_plots.styled
 def plot(path) -> list[Path]:
     """Re-render the figures from results.npz and config.json."""
-    rd = RunDir(Path(path))
-    res = rd.load_arrays("results")
-    cfg = (rd.read_config() or {}).get("config", {})
-    paths = []
-    for name, hyper, *_ in _BLOCKS:
-        if f"{name}/grid" in res and len(res[f"{name}/steps"]):
-            fig = _sweep_figure(res, cfg, name, hyper)
-            paths.append(rd.figures / f"{name}.png")
-            save_figure(fig, paths[-1], dpi=100)
-    if len([t for t in res["scale_sweep/steps"] if t > 0]) >= 2:
-        fig = _growth_figure(res, cfg)
-        paths.append(rd.figures / "gradient_growth.png")
-        save_figure(fig, paths[-1], dpi=110)
-    fig = _fd_figure(res, cfg)
-    paths.append(rd.figures / "fd_check.png")
-    save_figure(fig, paths[-1], dpi=110)
+    run = _plots.saved(path, "results")
+    res, cfg, out, paths = run.arrays["results"], run.config, run.run.figures, []
+    for name, (hyper, _) in SWEEPS.items():
+        if len(res[f"{name}/steps"]):
+            _plots.save(_sweep_figure(res, cfg, name, hyper), out,
+                        name if "zoom" in name else f"{name}_sweep", paths)
+    if len(res["lr_zoom/steps"]):
+        _plots.save(_paper_view(res, int(res["lr_zoom/steps"][-1])), out, "figure10", paths)
+    if "fd/h" in res:
+        _plots.save(_fd_figure(res, cfg["fd_steps"]), out, "fd_check", paths)
     return paths
 
 
-EXPERIMENT = register(Experiment(
-    name="chaos",
-    description="The edge of chaos: training loss and exact hypergradient vs initial scale and "
-                "learning rate; finite differences and float32/64 autodiff vs exact.",
-    Config=Config, smoke=SMOKE, run=run, plot=plot))
+EXPERIMENT = Experiment(
+    "chaos", "The edge of chaos: training loss and exact hypergradient vs initial scale and "
+    "learning rate (paper figure 10); finite differences and float32/64 autodiff vs exact.",
+    Config, SMOKE, run, plot)

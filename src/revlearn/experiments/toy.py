@@ -1,38 +1,38 @@
 """The toy picture (paper figure 1): hyperparameter optimisation on a 2-D loss,
 and why the training run must be reversed exactly.
 
-Loss: Himmelblau's function, scaled (four minima, f = 0 at each):
+Loss (the paper's, `experiments/Jan_25_Figure_1`): a tilted Rosenbrock valley
+squashed by a sigmoid, w = (w1, w2):
 
-    f(w) = ((w1^2 + w2 - 11)^2 + (w1 + w2^2 - 7)^2) / 128
+    R(w) = 100 (w2 - w1^2)^2 + (1 - w1)^2 + 200 w1,    f(w) = 800 sigmoid(R(w) / 500)
 
-(its gradient is written out by hand so that it has the same bits in the
-forward and the reverse pass: see `loss_grad`).
-
-Training: T = 50 steps of SGD with momentum from w_0 (full gradient, no noise),
-with a learning rate and a momentum per step:
+Training: T steps of SGD with momentum from w_0 = (1.4, 3.9), v_0 = 0, full
+gradient, a learning rate and a momentum per step:
 
     v_{t+1} = gamma_t v_t - (1 - gamma_t) grad f(w_t),   w_{t+1} = w_t + alpha_t v_{t+1}
 
 Hyperparameters, unconstrained: `log_lr` [T] (alpha_t = exp) and
 `logit_momentum` [T] (gamma_t = sigmoid). Meta-objective: the final loss f(w_T);
-its gradient comes from `revlearn.sgd(..., method=Reversible(...))` and Adam
-(optax) updates the hyperparameters. Trajectories are drawn at a few
-meta-iterations ("snapshots").
+its gradient comes from `revlearn.sgd(..., method=Reversible(...))`, and SGD with
+momentum updates theta as the paper's `simple_sgd` does:
 
-Reversal. Beside the forward path w_0 .. w_T (float64), two reversals from the
-final state:
+    u_{i+1} = mu u_i - (1 - mu) d f(w_T) / d theta_i,   theta_{i+1} = theta_i + eta u_{i+1}
 
-* naive: the same update run backwards in float64,
-      w_t = w_{t+1} - alpha_t v_{t+1},   v_t = (v_{t+1} + (1 - gamma_t) grad f(w_t)) / gamma_t,
-  whose rounding errors are multiplied by 1/gamma_t at every step, so the error
-  after reversing to step t grows like prod_{s=t}^{T-1} 1/gamma_s;
-* exact: the reversal inside `Reversible`'s backward pass (fixed point plus
-  information buffer). Its states are read out through a probe: with
-  path_fn(w, probe, t) = probe_t . w and probe = 0, the derivative of the path
-  sum with respect to probe_t is the w_t that the backward pass recovered,
-  and it costs nothing extra in the hypergradient computation.
-  `revlearn.check_reversal` confirms that w_0, v_0 and the buffer come back
-  bit-for-bit.
+(`optax.sgd(eta (1 - mu), mu)`). The training run of every meta-iteration is drawn.
+
+Reversal (the authors' `Jan_25_Figure_1/4_naive_reverse` setting: constant
+alpha, gamma, T_r steps). The run is made forward and then undone,
+
+    w_t = w_{t+1} - alpha_t v_{t+1},   v_t = (v_{t+1} + (1 - gamma_t) grad f(w_t)) / gamma_t,
+
+naively in float16, float32 and float64: the rounding error of every step is
+multiplied by 1/gamma_t, so after reversing to step t it is about
+eps prod_{s=t}^{T_r-1} 1/gamma_s. The exact reversal is the one inside
+`Reversible`'s backward pass (fixed point plus information buffer); its states
+are read out through a probe: with path_fn(w, probe, t) = probe_t . w and
+probe = 0, d (path sum) / d probe_t is the w_t that the backward pass recovered.
+`revlearn.check_reversal` confirms that w_0, v_0 and the buffer come back
+bit-for-bit.
 """
 
 from __future__ import annotations
@@ -47,84 +47,63 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib import colormaps
 
 import revlearn
 from revlearn import spaces
 from revlearn.exact._grid import on_grid
-from revlearn.meta import RunDir, save_figure, meta_optimize
+from revlearn.meta import RunDir, meta_optimize
 
-from ._float import float_train
-from ._registry import Experiment, register
+from . import _plots
 from ._config import ExperimentConfig
+from ._float import float_train
+from ._registry import Experiment
 from ._validate import at_least, check_decay, fail, positive
 
-__all__ = ["Config", "run", "plot", "EXPERIMENT", "loss", "loss_grad", "float_forward",
-           "naive_reverse", "hypergrad"]
+__all__ = ["Config", "run", "plot", "EXPERIMENT", "loss", "hypergrad", "naive_roundtrip",
+           "reversible"]
+
+DTYPES = ("float16", "float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config(ExperimentConfig):
-    """Settings of `toy` (the defaults run in seconds)."""
+    """Settings of `toy`: the paper's figure 1 and its naive-reversal experiment (seconds)."""
 
     steps: int = 50
-    w0: tuple[float, float] = (-0.27, -1.2)  # just below the local maximum
-    init_lr: float = 0.3
-    init_momentum: float = 0.5
-    min_momentum: float = 0.01  # sizes Reversible's buffer: momentum must stay above it
-    meta_lr: float = 0.1
-    meta_iterations: int = 30
-    snapshots: tuple[int, ...] = (0, 1, 3, 10, 30)
+    w0: tuple[float, float] = (1.4, 3.9)
+    init_log_lr: float = -4.5
+    init_momentum: float = 0.99
+    meta_lr: float = 0.01  # the paper's simple_sgd step
+    meta_momentum: float = 0.9
+    meta_iterations: int = 3
+    reverse_steps: int = 46
+    reverse_log_lr: float = -5.5
+    reverse_momentum: float = 0.8
+    min_momentum: float = 0.5  # sizes Reversible's buffer: momentum must stay above it
 
     def check(self):
-        at_least(self, 1, "steps")
-        positive(self, "init_lr", why=" (it is learned in log space)")
-        check_decay("init_momentum", self.init_momentum, example=0.5)
-        check_decay("min_momentum", self.min_momentum, example=0.01)
-        if self.init_momentum <= self.min_momentum:
-            fail("init_momentum", self.init_momentum, f"must exceed min_momentum="
-                 f"{self.min_momentum} (Reversible's buffer is sized for momentum >= "
-                 "min_momentum)", "raise init_momentum or lower min_momentum")
-        positive(self, "meta_lr")
+        at_least(self, 1, "steps", "reverse_steps")
         at_least(self, 0, "meta_iterations")
-        if not self.snapshots or any(not 0 <= s <= self.meta_iterations for s in self.snapshots):
-            fail("snapshots", self.snapshots, f"must be meta-iterations in [0, meta_iterations="
-                 f"{self.meta_iterations}]", "pass e.g. snapshots=0,1,2")
+        positive(self, "meta_lr")
+        for name in ("init_momentum", "meta_momentum", "reverse_momentum", "min_momentum"):
+            check_decay(name, getattr(self, name))
+        for name in ("init_momentum", "reverse_momentum"):
+            if getattr(self, name) <= self.min_momentum:
+                fail(name, getattr(self, name), f"must exceed min_momentum={self.min_momentum} "
+                     "(Reversible's buffer is sized for momentum >= min_momentum)",
+                     f"raise {name} or lower min_momentum")
 
 
-SMOKE = Config(meta_iterations=2, snapshots=(0, 1, 2))
+SMOKE = Config(steps=10, meta_iterations=2, reverse_steps=10)
 
 
 # -- the problem -----------------------------------------------------------------
 
-@jax.custom_jvp
 def loss(w):
-    """Scaled Himmelblau function of w [2]: ((w1^2 + w2 - 11)^2 + (w1 + w2^2 - 7)^2) / 128."""
+    """f(w) = 800 sigmoid(R(w) / 500) of w [2]."""
     x, y = w[0], w[1]
-    return ((x * x + y - 11.0) ** 2 + (x + y * y - 7.0) ** 2) / 128.0
-
-
-def loss_grad(w):
-    """grad f(w) [2], written so that its bits cannot depend on how XLA compiles it.
-
-    Exact reversal recomputes grad f(w_t) in the backward pass, where XLA fuses
-    it with the Hessian-vector product; for an elementwise polynomial the
-    compiler may then contract a*b + c into a fused multiply-add in one program
-    and not in the other, and a one-ulp difference breaks the reversal
-    (`ReversibleError`, reversal drift). Every inexact product is therefore
-    materialised (`optimization_barrier`) before it is added; the remaining
-    products (by 2, 4) and the division by 128 are exact.
-    """
-    bar = jax.lax.optimization_barrier
-    x, y = w[0], w[1]
-    a = bar(x * x) + y - 11.0
-    b = x + bar(y * y) - 7.0
-    return jnp.stack([bar(4.0 * x * a) + 2.0 * b, 2.0 * a + bar(4.0 * y * b)]) / 128.0
-
-
-@loss.defjvp
-def _loss_jvp(primals, tangents):
-    (w,), (dw,) = primals, tangents
-    return loss(w), jnp.dot(loss_grad(w), dw)
+    return 800.0 * jax.nn.sigmoid((100.0 * (y - x * x) ** 2 + (1.0 - x) ** 2 + 200.0 * x) / 500.0)
 
 
 def _loss_fn(w, hypers, step):
@@ -135,15 +114,15 @@ def _probe_fn(w, hypers, step):
     return jnp.dot(hypers["probe"][step], w)
 
 
-def _rounded(gamma):
-    """Momentum as every revlearn method applies it: round(gamma * 2^16) / 2^16."""
-    return on_grid(gamma, revlearn.optim.MOMENTUM)
+def reversible(min_momentum: float) -> revlearn.Reversible:
+    """Exact reversal with the backward gradient the forward pass's own computation (the CPU
+    default rounded this elementwise gradient differently in the two passes: see the page)."""
+    return revlearn.Reversible(min_momentum=min_momentum, vjp_in_branch=False)
 
 
-def initial_hypers(config: Config) -> dict:
-    return {"log_lr": jnp.full((config.steps,), math.log(config.init_lr)),
-            "logit_momentum": jnp.full((config.steps,),
-                                       math.log(config.init_momentum / (1 - config.init_momentum)))}
+def _theta(lr, momentum) -> dict:
+    lr, momentum = jnp.asarray(lr, jnp.float64), jnp.asarray(momentum, jnp.float64)
+    return {"log_lr": jnp.log(lr), "logit_momentum": jnp.log(momentum) - jnp.log1p(-momentum)}
 
 
 @functools.partial(jax.jit, static_argnames=("min_momentum",))
@@ -155,7 +134,7 @@ def hypergrad(theta, w0, *, min_momentum: float):
         h = spaces.constrain(theta)
         wT, path = revlearn.sgd(_loss_fn, w0, {"probe": probe}, lr=h["lr"],
                                 momentum=h["momentum"], steps=steps, path_fn=_probe_fn,
-                                method=revlearn.Reversible(min_momentum=min_momentum))
+                                method=reversible(min_momentum))
         return loss(wT) + path  # path = 0 (probe = 0); its derivative reads out w_t
 
     probe = jnp.zeros((steps, 2), jnp.float64)
@@ -164,27 +143,33 @@ def hypergrad(theta, w0, *, min_momentum: float):
 
 
 @jax.jit
-def float_forward(w0, lr, momentum):
-    """The plain float64 forward pass (the momentum rule's float step): w [T+1, 2], v [T+1, 2]."""
-    _, (ws, vs) = float_train(revlearn.optim.momentum(lr, momentum), _loss_fn, w0,
-                              steps=lr.shape[0], record=lambda w, state, t: (w, state.v))
-    return ws, vs
+def forward_path(w0, lr, momentum):
+    """w_0 .. w_T [T+1, 2] in float64 (the momentum rule's own float step)."""
+    return float_train(revlearn.optim.momentum(lr, momentum), _loss_fn, w0, steps=lr.shape[0],
+                       record=lambda w, state, t: w)[1]
 
 
-@jax.jit
-def naive_reverse(wT, vT, lr, momentum):
-    """Run the update backwards in float64 from (w_T, v_T): w [T+1, 2] (index t = step t)."""
-    gamma = _rounded(momentum)
+@functools.partial(jax.jit, static_argnames="dtype")
+def naive_roundtrip(w0, lr, momentum, dtype: str):
+    """Train forward and undo it step by step, all in `dtype`, with the momentum on the
+    grid every revlearn method uses: (forward w [T+1, 2], reversed w [T+1, 2])."""
+    dt = jnp.dtype(dtype)
+    a, m = lr.astype(dt), on_grid(momentum, revlearn.optim.MOMENTUM).astype(dt)
 
-    def step(carry, xs):
+    def fwd(carry, xs):
         w, v = carry
-        a, m = xs
-        w = w - a * v
-        v = (v + (1 - m) * jax.grad(loss)(w)) / m
-        return (w, v), w
+        v = xs[1] * v - (1 - xs[1]) * jax.grad(loss)(w)
+        return (w + xs[0] * v, v), w + xs[0] * v
 
-    _, ws = jax.lax.scan(step, (wT, vT), (lr, gamma), reverse=True)
-    return jnp.concatenate([ws, wT[None]])
+    def bwd(carry, xs):
+        w, v = carry
+        w = w - xs[0] * v
+        return (w, (v + (1 - xs[1]) * jax.grad(loss)(w)) / xs[1]), w
+
+    w0 = w0.astype(dt)
+    (wT, vT), ws = jax.lax.scan(fwd, (w0, jnp.zeros_like(w0)), (a, m))
+    back = jax.lax.scan(bwd, (wT, vT), (a, m), reverse=True)[1]
+    return jnp.concatenate([w0[None], ws]), jnp.concatenate([back, wT[None]])
 
 
 # -- run -------------------------------------------------------------------------
@@ -192,57 +177,44 @@ def naive_reverse(wT, vT, lr, momentum):
 def run(config: Config, run_dir: RunDir) -> dict:
     t0 = time.perf_counter()
     w0 = jnp.asarray(config.w0, jnp.float64)
-    theta0 = initial_hypers(config)
+    theta0 = _theta(jnp.full(config.steps, math.exp(config.init_log_lr)),
+                    jnp.full(config.steps, config.init_momentum))
 
     def hypergrad_fn(theta, iteration):
         value, g, _ = hypergrad(theta, w0, min_momentum=config.min_momentum)
         h = spaces.constrain(theta)
         return value, g, {"final_loss": value, "lr": h["lr"], "momentum": h["momentum"]}
 
-    result = meta_optimize(hypergrad_fn, theta0, optax.adam(config.meta_lr),
-                           config.meta_iterations, run_dir, progress_metric="final_loss",
-                           description="toy")
-    history = {int(r["iteration"]): r for r in result.history}
-    final_h = spaces.constrain(result.hypers)
+    meta_opt = optax.sgd(config.meta_lr * (1 - config.meta_momentum), config.meta_momentum)
+    result = meta_optimize(hypergrad_fn, theta0, meta_opt, config.meta_iterations, run_dir,
+                           progress_metric="final_loss", description="toy")
+    arrays, summary = {}, {}
+    for i, h in enumerate(sorted(result.history, key=lambda r: r["iteration"])
+                          + [spaces.constrain(result.hypers)]):  # + after the last update
+        lr, mom = np.asarray(h["lr"]), np.asarray(h["momentum"])
+        path = np.asarray(forward_path(w0, jnp.asarray(lr), jnp.asarray(mom)))
+        arrays.update({f"meta{i}/lr": lr, f"meta{i}/momentum": mom, f"meta{i}/path": path})
+        summary[f"final_loss_meta{i}"] = float(loss(path[-1]))
+        summary[f"w_T_meta{i}"] = [round(float(c), 4) for c in path[-1]]
 
-    def hypers_at(i):
-        if i == config.meta_iterations:
-            return np.asarray(final_h["lr"]), np.asarray(final_h["momentum"])
-        return np.asarray(history[i]["lr"]), np.asarray(history[i]["momentum"])
-
-    arrays = {"snapshots": np.asarray(config.snapshots, np.int64),
-              "meta_loss": np.asarray([history[i]["meta_loss"] for i in sorted(history)])}
-    summary = {}
-    for i in config.snapshots:
-        lr, mom = hypers_at(i)
-        ws, vs = float_forward(w0, jnp.asarray(lr), jnp.asarray(mom))
-        naive = naive_reverse(ws[-1], vs[-1], jnp.asarray(lr), jnp.asarray(mom))
-        theta = {"log_lr": jnp.log(jnp.asarray(lr)),
-                 "logit_momentum": jnp.log(jnp.asarray(mom)) - jnp.log1p(-jnp.asarray(mom))}
-        value, _, recovered = hypergrad(theta, w0, min_momentum=config.min_momentum)
-        # `hypergrad` already raises unless the reversal is bit-exact; the explicit
-        # check (one compilation) is made for the run drawn in the reversal figure.
-        check = revlearn.check_reversal(
-            _loss_fn, w0, None, lr=jnp.asarray(lr),
-            momentum=jnp.asarray(mom), steps=config.steps,
-            method=revlearn.Reversible(min_momentum=config.min_momentum)) \
-            if i == config.snapshots[0] else None
-        exact = np.concatenate([np.asarray(recovered), np.asarray(ws[-1:])])
-        arrays[f"snap{i}/lr"] = lr
-        arrays[f"snap{i}/momentum"] = mom
-        arrays[f"snap{i}/forward"] = np.asarray(ws)
-        arrays[f"snap{i}/naive"] = np.asarray(naive)
-        arrays[f"snap{i}/exact"] = exact
-        if check is not None:
-            arrays[f"snap{i}/exact_bitwise"] = np.asarray(check.passed)
-            summary["exact_reversal_bit_exact"] = bool(check.passed)
-            summary["exact_reversal_max_weight_error_ulps"] = int(check.max_weight_error_ulps)
-        naive_err = np.linalg.norm(np.asarray(naive) - np.asarray(ws), axis=1)
-        exact_err = np.linalg.norm(exact - np.asarray(ws), axis=1)
-        summary[f"final_loss_iter{i}"] = float(loss(ws[-1]))
-        summary[f"naive_reversal_error_w0_iter{i}"] = float(naive_err[0])
-        summary[f"exact_reversal_max_dev_from_float_path_iter{i}"] = float(exact_err.max())
-        summary[f"mean_momentum_iter{i}"] = float(np.mean(mom))
+    # the reversal experiment
+    lr = jnp.full(config.reverse_steps, math.exp(config.reverse_log_lr))
+    mom = jnp.full(config.reverse_steps, config.reverse_momentum)
+    recovered, f64 = hypergrad(_theta(lr, mom), w0, min_momentum=config.min_momentum)[2], \
+        np.asarray(forward_path(w0, lr, mom))
+    exact = np.concatenate([np.asarray(recovered), f64[-1:]])
+    check = revlearn.check_reversal(_loss_fn, w0, None, lr=lr, momentum=mom,
+                                    steps=config.reverse_steps,
+                                    method=reversible(config.min_momentum))
+    arrays.update({"reverse/exact": exact, "reverse/momentum": np.asarray(mom),
+                   "reverse/bit_exact": np.asarray(check.passed), "reverse/float64_path": f64})
+    summary.update({"exact_reversal_bit_exact": bool(check.passed),
+                    "exact_reversal_max_weight_error_ulps": int(check.max_weight_error_ulps)})
+    for dt in DTYPES:
+        fw, back = (np.asarray(a, np.float64) for a in naive_roundtrip(w0, lr, mom, dt))
+        arrays.update({f"reverse/{dt}_forward": fw, f"reverse/{dt}_naive": back})
+        summary[f"naive_{dt}_error_at_w0"] = float(np.linalg.norm(back[0] - fw[0]))
+    summary["exact_max_dev_from_float64_path"] = float(np.abs(exact - f64).max())
     summary["wall_time_s"] = time.perf_counter() - t0
     run_dir.save_arrays("results", arrays)
     plot(run_dir.path)
@@ -251,129 +223,91 @@ def run(config: Config, run_dir: RunDir) -> dict:
 
 # -- plot ------------------------------------------------------------------------
 
-def _contours(ax, lo=(-5.0, -5.0), hi=(5.0, 5.0)):
-    x = np.linspace(lo[0], hi[0], 300)
-    y = np.linspace(lo[1], hi[1], 300)
-    X, Y = np.meshgrid(x, y)
-    Z = np.asarray(loss(jnp.stack([jnp.asarray(X), jnp.asarray(Y)])))
-    cs = ax.contourf(X, Y, np.log10(Z + 1e-3), levels=20, cmap="Greys_r", alpha=0.55)
-    ax.contour(X, Y, np.log10(Z + 1e-3), levels=20, colors="0.5", linewidths=0.4)
+def _contours(ax, *paths, margin=0.3):
+    """Loss contours in a window round the paths (finite points within 50 of 0)."""
+    allw = np.concatenate([p[np.all(np.abs(p) < 50, axis=1)] for p in paths])
+    lo, hi = allw.min(0) - margin, allw.max(0) + margin
+    X, Y = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
+    Z = np.asarray(jax.vmap(jax.vmap(loss))(jnp.stack([X, Y], -1)))
+    cs = ax.contourf(X, Y, Z, levels=np.linspace(0, 800, 17), cmap="Greys_r", alpha=0.5)
+    ax.contour(X, Y, Z, levels=np.linspace(0, 800, 17), colors="0.55", linewidths=0.4)
+    ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="weight $w_1$", ylabel="weight $w_2$")
     return cs
 
 
+@_plots.styled
 def plot(path) -> list[Path]:
     """Re-render the two figures from results.npz."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
+    run = _plots.saved(path, "results")
+    res, out, paths = run.arrays["results"], run.run.figures, []
+    n = len([k for k in res if k.endswith("/path") and k.startswith("meta")])
+    colors = [colormaps["plasma"](0.85 * k / max(1, n - 1)) for k in range(n)]
 
-    rd = RunDir(Path(path))
-    res = rd.load_arrays("results")
-    snaps = [int(s) for s in res["snapshots"]]
-    cmap = colormaps["plasma"]
-    colors = [cmap(0.85 * k / max(1, len(snaps) - 1)) for k in range(len(snaps))]
-    paths = []
-
-    fig = Figure(figsize=(13, 5.2), layout="constrained")
-    ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.3, 1, 1]})
-    paths_w = np.concatenate([res[f"snap{i}/forward"] for i in snaps])
-    lo = np.maximum(paths_w.min(0) - 0.7, -5.0)
-    hi = np.minimum(paths_w.max(0) + 0.7, 5.0)
-    cs = _contours(ax1, lo, hi)
-    fig.colorbar(cs, ax=ax1, label=r"$\log_{10}$ (loss + $10^{-3}$)", shrink=0.8)
-    for i, c in zip(snaps, colors):
-        w = res[f"snap{i}/forward"]
-        ax1.plot(w[:, 0], w[:, 1], ".-", color=c, ms=4, lw=1.2,
-                 label=f"meta-iteration {i}: final loss {_fmt(w[-1])}")
-        ax1.plot(*w[-1], "o", color=c, ms=7, mec="k", mew=0.6)
-    w0 = res[f"snap{snaps[0]}/forward"][0]
-    n_steps = res[f"snap{snaps[0]}/forward"].shape[0] - 1
-    ax1.plot(*w0, "k*", ms=12, label=f"start $w_0$ (circles: $w_{{{n_steps}}}$)")
-    ax1.set_xlim(lo[0], hi[0])
-    ax1.set_ylim(lo[1], hi[1])
-    ax1.set_xlabel("weight $w_1$")
-    ax1.set_ylabel("weight $w_2$")
-    ax1.set_title(f"Training trajectories ({n_steps} steps, one dot per step)\n"
-                  "as the per-step schedules are learned")
-    ax1.legend(fontsize=7, loc="lower right")
-    steps = np.arange(len(res[f"snap{snaps[0]}/lr"]))
-    for i, c in zip(snaps, colors):
-        ax2.plot(steps, res[f"snap{i}/lr"], color=c, label=f"meta-iteration {i}")
-        ax3.plot(steps, res[f"snap{i}/momentum"], color=c, label=f"meta-iteration {i}")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("SGD step t")
-    ax2.set_ylabel(r"learning rate $\alpha_t$ (log scale)")
-    ax2.set_title("Learned learning-rate schedule")
-    ax3.set_xlabel("SGD step t")
-    ax3.set_ylabel(r"momentum $\gamma_t$")
-    ax3.set_title("Learned momentum schedule")
-    for ax in (ax2, ax3):
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+    fig, (ax1, ax2, ax3) = _plots.figure(3, width=15, height=5.2,
+                                         gridspec_kw={"width_ratios": [1.4, 1, 1]})
+    paper_window = np.array([[-1, 0], [2.4, 4.5]]) + [[0.3, 0.3], [-0.3, -0.3]]
+    fig.colorbar(_contours(ax1, paper_window, *(res[f"meta{i}/path"] for i in range(n))),
+                 ax=ax1, label="loss f(w)", shrink=0.85)
+    for i, c in enumerate(colors):
+        w = res[f"meta{i}/path"]
+        last = i == n - 1 and n > 1
+        ax1.plot(w[:, 0], w[:, 1], ".--" if last else ".-", color=c, ms=4, lw=1.3,
+                 label=f"meta-iteration {i}{' (after the last update)' if last else ''}: "
+                       f"f(w_T) = {float(loss(jnp.asarray(w[-1]))):.0f}")
+        ax1.plot(*w[-1], "o", color=c, ms=8, mec="k", mew=0.7)
+        for ax, key in ((ax2, "lr"), (ax3, "momentum")):
+            ax.plot(res[f"meta{i}/{key}"], "--" if last else "-", color=c,
+                    label=f"meta-iteration {i}")
+    steps = len(res["meta0/lr"])
+    ax1.plot(*res["meta0/path"][0], "k*", ms=14, label=f"start $w_0$ (circles: $w_{{{steps}}}$)")
+    ax1.set_title(f"Training runs ({steps} steps, one dot per step) as the\n"
+                  "per-step learning rates and momenta are learned")
+    ax1.legend(loc="upper left", fontsize=7)
+    for ax, what in ((ax2, r"learning rate $\alpha_t$"), (ax3, r"momentum $\gamma_t$")):
+        ax.set(xlabel="SGD step t", ylabel=what, title=f"Schedule: {what}")
+        ax.legend()
     fig.suptitle("Hyperparameter optimisation through exactly reversed training "
-                 "(scaled Himmelblau function; meta-objective: final loss)")
-    paths.append(rd.figures / "trajectories.png")
-    save_figure(fig, paths[-1], dpi=110)
+                 "(the paper's figure 1; meta-objective: the final training loss)")
+    _plots.save(fig, out, "trajectories", paths)
 
-    shown = snaps[0]
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    fw, nv, ex = res[f"snap{shown}/forward"], res[f"snap{shown}/naive"], res[f"snap{shown}/exact"]
-    allw = np.concatenate([fw, nv[np.all(np.abs(nv) < 6, axis=1)]])
-    lo, hi = allw.min(0) - 0.6, allw.max(0) + 0.6
-    _contours(ax1, lo, hi)
-    ax1.plot(fw[:, 0], fw[:, 1], "-", color="C0", lw=5, alpha=0.35,
-             label="forward path $w_0 \\to w_T$ (float64)")
-    ax1.plot(nv[:, 0], nv[:, 1], ".-", color="C3", ms=4, lw=1,
-             label="naive float64 reversal $w_T \\to w_0$")
-    ax1.plot(ex[:, 0], ex[:, 1], "o", mfc="none", mec="C0", ms=7, mew=1.2, zorder=3,
-             label="exact reversal $w_T \\to w_0$ (fixed point + buffer)")
-    ax1.plot(*fw[0], "k*", ms=13, zorder=4, label="start $w_0$")
-    ax1.set_xlim(lo[0], hi[0])
-    ax1.set_ylim(lo[1], hi[1])
-    ax1.set_xlabel("weight $w_1$")
-    ax1.set_ylabel("weight $w_2$")
-    bit = "recovers $w_0, v_0$ bit-for-bit" if bool(res[f"snap{shown}/exact_bitwise"]) \
+    fig, (ax1, ax2) = _plots.figure(2, width=13, height=5.2)
+    f64, ex = res["reverse/float64_path"], res["reverse/exact"]
+    fw16, nv16 = res["reverse/float16_forward"], res["reverse/float16_naive"]
+    _contours(ax1, f64, fw16, nv16)
+    ax1.plot(fw16[:, 0], fw16[:, 1], "-", color="C0", lw=5, alpha=0.35,
+             label="forward run $w_0 \\to w_T$ (float16)")
+    ax1.plot(nv16[:, 0], nv16[:, 1], ".-", color="C1", ms=4, lw=1,
+             label="naive float16 reversal $w_T \\to w_0$")
+    ax1.plot(ex[:, 0], ex[:, 1], "o", mfc="none", mec="k", ms=6, mew=1, zorder=3,
+             label="exact reversal $w_T \\to w_0$ of the run in fixed point")
+    ax1.plot(*f64[0], "k*", ms=14, zorder=4, label="start $w_0$")
+    bit = "recovers $w_0, v_0$ bit-for-bit" if bool(res["reverse/bit_exact"]) \
         else "DID NOT recover $w_0$ exactly"
-    ax1.set_title(f"Reversing the training run of meta-iteration {shown}:\nexact reversal {bit}")
-    ax1.legend(fontsize=8, loc="lower right")
-    t = np.arange(fw.shape[0])
-    for i, c in zip(snaps, colors):
-        f, n, e = res[f"snap{i}/forward"], res[f"snap{i}/naive"], res[f"snap{i}/exact"]
-        err = np.linalg.norm(n - f, axis=1)
-        ax2.plot(t, np.maximum(err, 1e-18), ".-", color=c, ms=3,
-                 label=f"naive, meta-iteration {i}")
-        gam = revlearn.optim.applied(res[f"snap{i}/momentum"], revlearn.optim.MOMENTUM)
-        bound = np.finfo(np.float64).eps * np.concatenate([np.cumprod(1 / gam[::-1])[::-1], [1.0]])
-        ax2.plot(t, bound, ":", color=c, lw=1)
-        if i == snaps[-1]:
-            ex_err = np.linalg.norm(e - f, axis=1)
-            ax2.plot(t, np.maximum(ex_err, 1e-18), "s", color="C0", ms=3,
-                     label="exact reversal vs the float64 path (fixed-point\n"
-                           "rounding only; every snapshot alike)")
-    ax2.plot([], [], ":", color="0.3",
-             label=r"naive bound $\epsilon_{64} \prod_{s \geq t} 1/\gamma_s$ (same colours)")
+    ax1.set_title(f"Undoing {len(f64) - 1} steps ($\\gamma$ = "
+                  f"{float(res['reverse/momentum'][0]):g}): exact reversal {bit}")
+    ax1.legend(loc="upper left", fontsize=7)
+    t = np.arange(len(f64))
+    gam = revlearn.optim.applied(res["reverse/momentum"], revlearn.optim.MOMENTUM)
+    growth = np.concatenate([np.cumprod(1 / gam[::-1])[::-1], [1.0]])
+    for k, dt in enumerate(DTYPES):
+        err = np.linalg.norm(res[f"reverse/{dt}_naive"] - res[f"reverse/{dt}_forward"], axis=1)
+        ax2.plot(t, np.maximum(err, 1e-18), "o-", color=f"C{k + 1}", ms=3,
+                 label=f"naive {dt} reversal")
+        ax2.plot(t, np.finfo(dt).eps * growth, ":", color=f"C{k + 1}", lw=1.2)
+    ax2.plot(t, np.maximum(np.linalg.norm(ex - f64, axis=1), 1e-18), "s", color="k", ms=3,
+             label="exact reversal vs the float64 run\n(fixed-point vs float rounding)")
+    ax2.plot([], [], ":", color="0.3", label=r"$\epsilon \prod_{s \geq t} 1/\gamma_s$ per dtype")
     ax2.set_yscale("log")
-    ax2.set_ylim(1e-19, 1e4)
-    ax2.text(0.98, 0.97, "curves leaving the top have diverged", transform=ax2.transAxes,
-             ha="right", va="top", fontsize=7, color="0.3")
-    ax2.set_xlabel("step t (reversal runs from t = T down to 0)")
-    ax2.set_ylabel(r"$\|w_t^{\rm reversed} - w_t^{\rm forward}\|$ (log scale; 0 drawn at 1e-18)")
-    ax2.set_title("Error of the reversed state, per step")
+    ax2.set(ylim=(1e-19, 1e2), xlabel="step t (the reversal runs from t = T down to 0)",
+            ylabel=r"$\|w_t^{\rm reversed} - w_t^{\rm forward}\|$ (log scale; 0 drawn at 1e-18)",
+            title="Error of the reversed state, per step")
     ax2.invert_xaxis()
-    ax2.grid(alpha=0.3, which="both")
-    ax2.legend(fontsize=7, loc="upper left")
+    ax2.legend(loc="upper left", fontsize=7)
     fig.suptitle("Naive floating-point reversal loses the path; exact reversal retraces it")
-    paths.append(rd.figures / "reversal.png")
-    save_figure(fig, paths[-1], dpi=110)
+    _plots.save(fig, out, "reversal", paths)
     return paths
 
 
-def _fmt(w) -> str:
-    return f"{float(loss(jnp.asarray(w))):.2g}"
-
-
-EXPERIMENT = register(Experiment(
-    name="toy",
-    description="Paper figure 1: learned per-step schedules on a 2-D loss, and naive float "
-                "reversal against exact reversal (seconds).",
-    Config=Config, smoke=SMOKE, run=run, plot=plot))
+EXPERIMENT = Experiment(
+    "toy", "Paper figure 1: learned per-step schedules on the paper's 2-D loss, and naive "
+    "float16/32/64 reversal against exact reversal (seconds).", Config, SMOKE, run, plot)

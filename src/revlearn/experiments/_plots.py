@@ -71,11 +71,13 @@ class Saved(NamedTuple):
     metrics: list[dict]
 
 
-def saved(path, *names: str) -> Saved:
-    """Read the config, the arrays `names` (missing ones left out) and the metrics
-    of the run folder `path`."""
+def saved(path, *names: str, optional: tuple[str, ...] = ()) -> Saved:
+    """Read the config, the arrays `names` and those of `optional` that this run saved,
+    and the metrics of the run folder `path`. A missing or damaged array of `names`, or
+    one another run left there, raises `RunFileError` (one line naming the file)."""
     rd = RunDir(path)
-    arrays = {n: rd.load_arrays(n) for n in names if rd.has_arrays(n)}
+    arrays = {n: rd.load_arrays(n) for n in names}
+    arrays.update({n: rd.load_arrays(n) for n in optional if rd.has_arrays(n)})
     return Saved(rd, (rd.read_config() or {}).get("config", {}), arrays, rd.read_metrics())
 
 

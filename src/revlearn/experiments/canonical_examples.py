@@ -202,7 +202,7 @@ def _test_error_of(x, y, keys, test, lr, l2, static: Config, full=False):
 @_plots.styled
 def plot(path) -> list[Path]:
     """Re-render the figures from results.npz, study.npz and metrics.jsonl."""
-    run = _plots.saved(path, "results", "study")
+    run = _plots.saved(path, "results", optional=("study",))
     res, cfg, out, paths = run.arrays["results"], run.config, run.run.figures, []
     per_class = int(cfg.get("per_class", 1))
     n, rows = 10 * per_class, min(per_class, 3)

@@ -263,8 +263,8 @@ def run(config: Config, run_dir: RunDir) -> dict:
     summary.update(_sharing(transforms["learned"]))
     run_dir.save_arrays("results", arrays)
     run_dir.write_json("tasks", {"names": pool.names, "characters": chars})
-    summary.update(wall_time_s=time.perf_counter() - t0, cpu_time_s=time.process_time() - cpu0)
     plot(run_dir.path)
+    summary.update(wall_time_s=time.perf_counter() - t0, cpu_time_s=time.process_time() - cpu0)
     return summary
 
 
@@ -272,8 +272,8 @@ def run(config: Config, run_dir: RunDir) -> dict:
 def plot(path) -> list[Path]:
     """Re-render sharing, tasks, final_training and meta_curves.png from the run folder."""
     run = _plots.saved(path, "results")
-    res, out, paths = run.arrays["results"], run.run.figures, []
     names = run.run.read_json("tasks")["names"]
+    res, out, paths = run.arrays["results"], run.run.figures, []
     labels = [n.split()[0].split("_")[-1][:3] + ("'" if "rotated" in n else "") for n in names]
     layers = ["input", *["middle"] * (len(res["T_learned"]) - 2), "output"]
     fig, axes = _plots.figure(len(layers), 3, width=2.5 * len(layers) + 1.6, height=7.6)

@@ -61,8 +61,6 @@ def mask(tree) -> Any:
     if not types:
         return None
     is_module = lambda x: isinstance(x, types)
-    if not has_module(tree):
-        return None
     out = jax.tree_util.tree_map(
         lambda x: jax.tree_util.tree_map(is_inexact_array, x) if is_module(x) else True,
         tree, is_leaf=is_module)

@@ -42,7 +42,7 @@ from ._config import MnistConfig
 from ._float import float_train
 from ._registry import Experiment
 from ._splits import evaluate, mnist_splits
-from ._validate import at_least, check_clip, check_decay, check_pool, check_range, fail, positive
+from ._validate import at_least, at_most, check_clip, check_decay, check_pool, check_range, positive
 
 __all__ = ["Config", "run", "plot", "EXPERIMENT"]
 
@@ -66,9 +66,7 @@ class Config(MnistConfig):
 
     def check(self):
         at_least(self, 1, "n_train", "n_valid", "n_test", "batch_size", "steps")
-        if self.batch_size > self.n_train:
-            fail("batch_size", self.batch_size, f"exceeds n_train={self.n_train}",
-                 "pass batch_size <= n_train")
+        at_most(self, "batch_size", "n_train")
         check_pool(self, "n_train", "n_valid", "n_test")
         check_decay("momentum", self.momentum)
         positive(self, "init_lr", "init_l2", why=" (it is learned in log space)")

@@ -43,9 +43,12 @@ dw through a sum.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -71,6 +74,8 @@ class Forward(NamedTuple):
     W0: jax.Array
     X0: tuple
     coding: tuple                     # per decay, a Schedule of `_buffer.Coding`
+    stored: tuple = ()                # the last steps' (gradient leaves, VJP residual leaves),
+                                      # each stacked [S, ...] (`Reversible.budget`), or ()
 
 
 class Backward(NamedTuple):
@@ -303,10 +308,12 @@ def _xs(problem, hypers, decays, coding):
 
 
 def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dict, count0,
-            theta_f, theta_o, hypers: dict, decays: dict) -> Forward:
+            theta_f, theta_o, hypers: dict, decays: dict, store: int = 0) -> Forward:
     """Train `steps` steps in fixed point from the float leaves w0 and moments s0 (theta split
     into float leaves `theta_f` and the others `theta_o`, see `_problem.split_inexact`);
-    `decays`: the decay schedules on their grids."""
+    `decays`: the decay schedules on their grids. The last `store` steps keep their
+    gradient and its VJP's residuals (`Forward.stored`, those `_kept_mask` selects) for
+    `backward` to use instead of recomputing them."""
     problem, rule, k = p.problem, p.rule, method.frac_bits
     lay, place = layout(p), _sharding.placer(p.mesh)
     decs = rule.decays()
@@ -327,14 +334,22 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
     coding = _codings(rule, decays)
     wd = rule.weight_decay_name
 
-    def step(carry, xs):
+    def step(carry, xs, keep=False):
         W, X, x, m, head, stacks, path, fault = carry
         t, h_sl, d_sl, code_sl = xs
         x, m, head, stacks = list(x), list(m), list(head), list(stacks)
         codes = [_schedules.at_step(coding[j], code_sl[j]) for j in range(len(decs))]
         sv = _step_values(lay, hypers, decays, h_sl, d_sl, (count0 + t + 1).astype(jnp.float64))
-        (g_tree, path_t), _, _ = gradient(method, problem, _params(problem, lay, W, k), theta_f,
-                                          theta_o, t)
+        params = _params(problem, lay, W, k)
+        if keep:
+            # a kept step: the gradient beside its VJP's residuals, not isolated (the reverse
+            # pass does not recompute it, so its bits need not match a second evaluation)
+            (g_tree, path_t), vjp = _gradient_vjp(problem, theta_o, params, theta_f, t)
+            kept = (jax.tree_util.tree_leaves(g_tree),
+                    [r for r, k in zip(jax.tree_util.tree_leaves(vjp), mask) if k])
+        else:
+            (g_tree, path_t), _, _ = gradient(method, problem, params, theta_f, theta_o, t)
+            kept = None
         g = place(lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64)) / ones   # one kernel
         new, X_new, conds, full = {}, [], [~jnp.isfinite(g)], [jnp.zeros((), bool)] * len(decs)
         for j, mo in enumerate(rule.moments):
@@ -363,15 +378,56 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
         for q in range(len(decs)):
             fault = fault.record(full[q], _faults.BUFFER_EXHAUSTED, t, q)
         return place((W, tuple(X_new), tuple(x), tuple(m), tuple(head), tuple(stacks))) + (
-            path + path_t, fault), None
+            path + path_t, fault), kept
 
     bufs = [empty_buffer(lay, decays[d.name], capacity[d.name], d.grid) for d in decs]
     init = place((W0, tuple(X0), tuple(b[0] for b in bufs), tuple(b[1] for b in bufs),
                   tuple(b[2] for b in bufs), tuple(b[3] for b in bufs))) + (
         jnp.zeros((), jnp.float64), fault)
-    (W, X, x, m, head, stacks, path, fault), _ = jax.lax.scan(
-        step, init, _xs(problem, hypers, decays, coding))
-    return Forward(W, X, x, m, head, stacks, path, fault, W0, tuple(X0), coding)
+    first, last = _split_xs(_xs(problem, hypers, decays, coding), problem.steps - store)
+    mask = _kept_mask(problem, theta_o, _params(problem, lay, W0, k), theta_f) if store else ()
+    carry = init
+    if problem.steps > store:
+        carry, _ = jax.lax.scan(step, carry, first)
+    stored = ()
+    if store:
+        carry, stored = jax.lax.scan(lambda c, xs: step(c, xs, keep=True), carry, last)
+    W, X, x, m, head, stacks, path, fault = carry
+    return Forward(W, X, x, m, head, stacks, path, fault, W0, tuple(X0), coding, stored)
+
+
+def _gradient_vjp(problem: Problem, theta_o, params, theta_f, t):
+    """((grad_w L, path term), its VJP w.r.t. (params, theta_f)) at step t, for a kept step:
+    the VJP's residuals are the outputs of the gradient's matrix products and convolutions
+    (`jax.checkpoint_policies.dots_saveable`) and what it reads; the elementwise work
+    between them is redone when the VJP is applied."""
+    f = jax.checkpoint(lambda pp, th: problem.gradient(pp, merge(th, theta_o), t),
+                       policy=jax.checkpoint_policies.dots_saveable)
+    return jax.vjp(f, params, theta_f)
+
+
+def _kept_mask(problem: Problem, theta_o, params, theta_f) -> tuple:
+    """Per leaf of the gradient's VJP (its residuals), whether a kept step stores it: those
+    computed from the params. The others (the params themselves, the minibatch, functions
+    of theta alone) the reverse pass recomputes beside the stored ones from the recovered
+    params and the step index, where the compiler keeps only their own computation."""
+    def residuals(params, theta_f, t):
+        return jax.tree_util.tree_leaves(_gradient_vjp(problem, theta_o, params, theta_f, t)[1])
+
+    jaxpr = jax.make_jaxpr(residuals)(params, theta_f, jnp.int32(0)).jaxpr
+    inputs = set(jaxpr.invars[:len(jax.tree_util.tree_leaves(params))])
+    dep = set(inputs)
+    for eqn in jaxpr.eqns:               # any equation reading the params, transitively
+        if any(isinstance(v, jax.extend.core.Var) and v in dep for v in eqn.invars):
+            dep.update(eqn.outvars)
+    return tuple(isinstance(v, jax.extend.core.Var) and v in dep and v not in inputs
+                 for v in jaxpr.outvars)
+
+
+def _split_xs(xs, at: int):
+    """The scan inputs of steps [0, at) and [at, T)."""
+    return (jax.tree_util.tree_map(lambda a: a[:at], xs),
+            jax.tree_util.tree_map(lambda a: a[at:], xs))
 
 
 def _entry_adjoints(lay: Layout, cts: dict, entries: dict) -> dict:
@@ -411,7 +467,8 @@ def _before(rule, new: dict, g, sv: _Step) -> dict:
 
 def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, hypers: dict,
              decays: dict, count0, ct_w: list, ct_s: dict, ct_path) -> Backward:
-    """Run the training backwards from `fw`, accumulating the hypergradients."""
+    """Run the training backwards from `fw`, accumulating the hypergradients; the steps
+    `fw.stored` kept use their gradient and VJP residuals instead of recomputing them."""
     problem, rule, k = p.problem, p.rule, method.frac_bits
     lay, place = layout(p), _sharding.placer(p.mesh)
     decs = rule.decays()
@@ -420,7 +477,7 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
     wd = rule.weight_decay_name
     names = [mo.name for mo in rule.moments]
 
-    def step(carry, xs):
+    def step(carry, xs, kept=None):
         W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry
         t, h_sl, d_sl, code_sl = xs
         x, m, head = list(x), list(m), list(head)
@@ -472,7 +529,20 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
                 dw_p, ds, dg, dhe, dde = adjoint(_before(rule, new, g, sv), g)
                 return cotangent(dg), (dw_p, ds, dhe, dde)
 
-        (g_tree, _), (hw, hth), extra = gradient(method, problem, params, theta_f, theta_o, t, ct_fn)
+        if kept is None:
+            (g_tree, _), (hw, hth), extra = gradient(method, problem, params, theta_f, theta_o,
+                                                     t, ct_fn)
+        else:
+            # a kept step: the forward pass's gradient (the same bits, so the state below is
+            # recovered exactly) and its VJP at the residuals the forward pass kept
+            g_leaves, stored = kept
+            g_tree = problem.treedef.unflatten(g_leaves)
+            ct, extra = ct_fn((g_tree, None))
+            res, tree = jax.tree_util.tree_flatten(
+                _gradient_vjp(problem, theta_o, params, theta_f, t)[1])
+            stored = iter(stored)
+            res = [next(stored) if k else r for r, k in zip(res, mask)]
+            hw, hth = jax.tree_util.tree_unflatten(tree, res)(ct)
         g = place(lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64)) / ones   # one kernel
         X = list(X)
         for j in reversed(range(len(rule.moments))):
@@ -519,8 +589,19 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
     init = place((fw.W, fw.X, fw.x, fw.m, fw.head, ct, dX0)) + (
         zeros(theta_f), {n: zeros(s.constant) for n, s in hypers.items()},
         {n: zeros(s.constant) for n, s in decays.items()}, _faults.Fault.none())
-    carry, (dh_s, dd_s) = jax.lax.scan(step, init, _xs(problem, hypers, decays, fw.coding),
-                                       reverse=True)
+    store = fw.stored[0][0].shape[0] if fw.stored else 0
+    mask = _kept_mask(problem, theta_o, _params(problem, lay, fw.W0, k), theta_f) if store else ()
+    first, last = _split_xs(_xs(problem, hypers, decays, fw.coding), problem.steps - store)
+    carry, ys = init, []
+    if store:
+        carry, ys_last = jax.lax.scan(lambda c, xs: step(c, xs[0], xs[1]), carry,
+                                      (last, fw.stored), reverse=True)
+        ys.append(ys_last)
+    if problem.steps > store:
+        carry, ys_first = jax.lax.scan(step, carry, first, reverse=True)
+        ys.insert(0, ys_first)
+    dh_s, dd_s = ys[0] if len(ys) == 1 else jax.tree_util.tree_map(
+        lambda a, b: jnp.concatenate([a, b]), ys[0], ys[1])
     W, X, x, m, head, dw, dX, dth, dh_c, dd_c, fault = carry
     fault = fault.record(~jnp.all(jnp.isfinite(dw)), _faults.NONFINITE_COTANGENT, 0)
     exact = jnp.all(W == fw.W0)
@@ -533,6 +614,24 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
     dd = {n: _schedules.Schedule(dd_c[n], dd_s[n]) for n in decays}
     return Backward(lay.unpack(dw), {n: lay.unpack(a) for n, a in zip(names, dX)}, dth, dh, dd,
                     W, X, x, m, head, fault)
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _budget_bytes(budget) -> int | None:
+    """A string budget ("512MiB", "2GB", "100000B") in bytes; None for a step count."""
+    fix = ("budget must be a number of steps (an int >= 0) or a size in bytes as a string "
+           "with a unit, e.g. 500, '512MiB' or '2GB'")
+    if budget is None or (isinstance(budget, int) and not isinstance(budget, bool)
+                          and budget >= 0):
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B|B)\s*", budget, re.IGNORECASE) \
+        if isinstance(budget, str) else None
+    if m is None:
+        raise ValueError(f"Reversible(budget={budget!r}): {fix}.")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def _batched(p: Prepared) -> bool:
@@ -581,6 +680,17 @@ class Reversible:
         for Adam and RMSProp; a vmap applied outside a `jax.jit` of train cannot be seen, so
         pass False there if the reversal reports drift). Convolutions on GPU also need
         XLA_FLAGS=--xla_gpu_deterministic_ops=true.
+      budget: memory that buys speed: the forward pass keeps the gradient and its VJP's
+        residuals (what `jax.vjp` of the gradient stores: activations, the minibatch) for
+        as many of the last steps as fit, and the reverse pass applies those VJPs instead
+        of recomputing the gradient (still exact: the kept gradient is the one the forward
+        pass applied). A number of steps (int >= 0, at most T is used), or a size in
+        bytes as a string, e.g. "512MiB" or "2GB" (`Reversible.step_bytes` is the cost of
+        one step; under `jax.vmap` it is per vmapped problem). None or 0 (default):
+        nothing kept, every gradient recomputed. With all T steps kept the method costs
+        about what `Unrolled` costs, in time and in memory. Kept steps compute the
+        gradient beside its residuals instead of isolated, so w_T may differ from the
+        budget-0 run's in the last bits (the reversal is exact either way).
 
     Memory per weight: W, each moment, each decay's x and the loops' array of ones (8 bytes
     each, each leaf padded to whole rows of 64), plus the words, sum_t log2(1/d_t) /
@@ -607,6 +717,7 @@ class Reversible:
     isolate_gradient: bool = True
     vjp_in_branch: bool | None = None
     min_decay: float | dict | None = None
+    budget: int | str | None = None
 
     def __post_init__(self):
         if isinstance(self.frac_bits, bool) or not isinstance(self.frac_bits, int) \
@@ -630,6 +741,29 @@ class Reversible:
         if self.vjp_in_branch is not None and not isinstance(self.vjp_in_branch, bool):
             raise ValueError(f"Reversible(vjp_in_branch={self.vjp_in_branch!r}): must be True, "
                              "False or None (None: True on CPU, False on accelerators).")
+        _budget_bytes(self.budget)                  # raises on a malformed budget
+
+    def step_bytes(self, p: Prepared, theta_f, theta_o) -> int:
+        """Bytes one kept step takes (`budget`): its gradient and its VJP's residuals."""
+        problem = p.problem
+        params = problem.treedef.unflatten([jax.ShapeDtypeStruct(s, dt) for s, dt in
+                                            zip(problem.shapes, problem.dtypes)])
+        mask = _kept_mask(problem, theta_o, params, theta_f)
+        res = jax.eval_shape(lambda pp, th: jax.tree_util.tree_leaves(
+            _gradient_vjp(problem, theta_o, pp, th, jnp.int32(0))[1]), params, theta_f)
+        kept = [r for r, k in zip(res, mask) if k] + [jax.ShapeDtypeStruct(s, dt) for s, dt in
+                                                       zip(problem.shapes, problem.dtypes)]
+        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in kept)
+
+    def kept_steps(self, p: Prepared, theta_f=None, theta_o=None) -> int:
+        """How many of the last steps the forward pass keeps for the reverse pass (`budget`)."""
+        steps = p.problem.steps
+        if isinstance(self.budget, str):
+            if theta_f is None:
+                theta_f, theta_o = split_inexact(p.theta)
+            per = self.step_bytes(p, theta_f, theta_o)
+            return min(steps, _budget_bytes(self.budget) // max(per, 1))
+        return min(steps, self.budget or 0)
 
     def _vjp_in_branch(self) -> bool:
         """Whether the reverse pass applies the VJP inside the isolated branch (see the field)."""
@@ -715,8 +849,9 @@ class Reversible:
             return (unpack(fp.to_float(fw.W, k)),
                     {n: unpack(_to_float(mo, X, k)) for n, X, mo in zip(names, fw.X, rule.moments)})
 
-        def fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays):
-            fw = forward(p, self, capacity, w0, s0, count0, theta_f, theta_o, hypers, decays)
+        def fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays, store=0):
+            fw = forward(p, self, capacity, w0, s0, count0, theta_f, theta_o, hypers, decays,
+                         store)
             _faults.raise_if_fault(fw.fault, where, **info)
             return fw
 
@@ -726,7 +861,8 @@ class Reversible:
             return final(fw) + (fw.path,)
 
         def run_fwd(w0, s0, count0, theta_f, theta_o, hypers, decays):
-            fw = fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays)
+            fw = fwd_pass(w0, s0, count0, theta_f, theta_o, hypers, decays,
+                          self.kept_steps(p, theta_f, theta_o))
             return final(fw) + (fw.path,), (fw, count0, theta_f, theta_o, hypers, decays)
 
         def run_bwd(res, cts):

@@ -34,10 +34,13 @@ def nll(logits, y):
 
 
 def method_of(name: str, T: int, optimizer: str = "momentum"):
-    if name == "reversible":
+    """"reversible", "unrolled", "checkpointed", or "reversible@f": Reversible keeping the
+    last round(f T) steps (`Reversible(budget=...)`)."""
+    if name.startswith("reversible"):
+        budget = round(float(name.split("@")[1]) * T) if "@" in name else None
         if optimizer == "adam":
-            return revlearn.Reversible(min_decay={"b1": 0.9})
-        return revlearn.Reversible(min_momentum=0.9)
+            return revlearn.Reversible(min_decay={"b1": 0.9}, budget=budget)
+        return revlearn.Reversible(min_momentum=0.9, budget=budget)
     if name == "unrolled":
         return revlearn.Unrolled()
     if name == "checkpointed":

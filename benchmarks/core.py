@@ -1,6 +1,6 @@
 """Core benchmark: cost of one hypergradient by each revlearn method, for a given update rule.
 
-Problem: 784-50-50-50-10 tanh MLP, float64, minibatch 200 of 10,000 synthetic
+Problem: 784-50-50-50-10 tanh MLP, float64 (or `--dtype float32`), minibatch 200 of 10,000 synthetic
 MNIST-sized examples, per-layer per-step learning rates, a per-weight L2
 hyperparameter, meta-objective the validation NLL at w_T. Inner optimiser
 (`--optimizer`): momentum 0.9 with lr 0.05 (the default), or Adam (b1 0.9,
@@ -20,6 +20,9 @@ Usage:
     python benchmarks/core.py --steps 100 300 --no-large
     python benchmarks/core.py --steps 1000 10000 --no-cells --no-large --xla-memory   # XLA buffer plans only
     python benchmarks/core.py --optimizer adam --steps 100 1000 --no-large --name core_adam
+    python benchmarks/core.py --dtype float32 --steps 1000 --no-large --name core_f32
+    python benchmarks/core.py --steps 1000 --no-large --methods unrolled checkpointed \
+        --budgets 0 0.1 0.5 1 --no-profile --name core_budget   # the time-memory curve
 """
 
 from __future__ import annotations
@@ -59,16 +62,16 @@ def rule(optimizer: str, lr, decay):
     return revlearn.optim.momentum(lr, decay)
 
 
-def _setup(sizes, batch, T, optimizer="momentum"):
+def _setup(sizes, batch, T, optimizer="momentum", dtype="float64"):
     import jax
     import jax.numpy as jnp
     import revlearn
     from _jaxprob import Problem, method_of
 
-    P = Problem(sizes, batch, N_TRAIN)
+    P = Problem(sizes, batch, N_TRAIN, dtype=jnp.dtype(dtype))
     lr0 = ADAM_LR if optimizer == "adam" else LR
     lr = [jnp.full((T,), lr0) for _ in P.params0]            # per layer, per step
-    l2 = jax.tree_util.tree_map(lambda w: jnp.full(w.shape, L2), P.params0)
+    l2 = jax.tree_util.tree_map(lambda w: jnp.full(w.shape, L2, w.dtype), P.params0)
     mom = jnp.asarray(B1 if optimizer == "adam" else MOMENTUM)
 
     def train(method):
@@ -83,6 +86,38 @@ def _setup(sizes, batch, T, optimizer="momentum"):
 
     args = (P.params0, lr, mom, l2)
     return P, args, train, hyper, method_of
+
+
+def _autodiff(P, T, p0, l2, isolate: bool, vjp: bool):
+    """The autodiff work of Reversible's two passes with everything else trivial: T steps of
+    the gradient (and, with `vjp`, its VJP, the reverse pass's work), computed exactly as
+    Reversible computes it (`revlearn.methods._reversible.gradient`): isolated, with this
+    backend's default placement of the VJP, or inline; the weights move a little every step
+    (so nothing is loop-invariant)."""
+    import jax
+    import jax.numpy as jnp
+    import revlearn
+    from revlearn._problem import split_inexact
+    from revlearn._train import prepare
+    from revlearn.methods._reversible import gradient
+
+    p = prepare(P.loss_fn, p0, {"l2": l2}, lr=LR, momentum=MOMENTUM, steps=T)
+    thf, tho = split_inexact(p.theta)
+    how = revlearn.Reversible(isolate_gradient=isolate)
+
+    def step(c, t):
+        w, dw, dth = c
+        (g, _), vjp_out, _ = gradient(how, p.problem, w, thf, tho, t,
+                                      (lambda out: ((dw, jnp.zeros(())), None)) if vjp else None)
+        if vjp:
+            hw, hth = vjp_out
+            dw = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 1e-3 * b, dw, hw)
+            dth = jax.tree_util.tree_map(jnp.add, dth, hth)
+        return (jax.tree_util.tree_map(lambda a, b: a - 1e-12 * b, w, g), dw, dth), None
+
+    init = (p.params0, jax.tree_util.tree_map(jnp.ones_like, p.params0),
+            jax.tree_util.tree_map(jnp.zeros_like, thf))
+    return jax.lax.scan(step, init, jnp.arange(T, dtype=jnp.int32))[0]
 
 
 def child(spec: dict) -> None:
@@ -100,7 +135,7 @@ def child(spec: dict) -> None:
 
     T, sizes, batch, reps = spec["T"], spec["sizes"], spec["batch"], spec["reps"]
     optimizer = spec.get("optimizer", "momentum")
-    P, args, train, hyper, method_of = _setup(sizes, batch, T, optimizer)
+    P, args, train, hyper, method_of = _setup(sizes, batch, T, optimizer, spec.get("dtype", "float64"))
     jax.block_until_ready(P.X)
     out = {"kind": kind, "T": T, "sizes": sizes, "batch": batch, "P": num_weights(sizes),
            "rss_after_setup_mib": peak_rss_mib()}
@@ -130,30 +165,39 @@ def child(spec: dict) -> None:
 
     plain = jax.jit(train(method_of("unrolled", T, optimizer)))
     hg = hyper(method)
+    # the recomputation floor's extra work: T steps of the gradient and its VJP, isolated as
+    # Reversible runs them (the floor is plain training plus these)
+    hvps = jax.jit(lambda p0, l2: _autodiff(P, T, p0, l2, True, True)) if spec.get("floor") else None
     t0 = time.perf_counter()
     block(plain(*args))
     block(hg(*args))                                       # warm-up: compile + first run
     out["compile_and_first_run_s"] = time.perf_counter() - t0
-    ph, hh = [], []
-    for _ in range(reps):                                  # interleaved: same load for both
+    if hvps is not None:
+        block(hvps(args[0], args[3]))
+    ph, hh, fh = [], [], []
+    for _ in range(reps):                                  # interleaved: same load for all
         ph.append(median_time(lambda: plain(*args), 1, block)[0])
         hh.append(median_time(lambda: hg(*args), 1, block)[0])
+        if hvps is not None:
+            fh.append(median_time(lambda: hvps(args[0], args[3]), 1, block)[0])
     out["plain_s"], out["hyper_s"] = float(np.median(ph)), float(np.median(hh))
+    if fh:
+        ph_, hh_, fh_ = map(np.asarray, (ph, hh, fh))
+        out["floor_s"] = float(np.median(ph_ + fh_))
+        out["x_floor"] = float(np.median(hh_ / (ph_ + fh_)))   # per round, then the median
+        out["floor_hvps_all_s"] = fh
     stats = jax.devices()[0].memory_stats()                # accelerators only; None on CPU
     if stats and "peak_bytes_in_use" in stats:
         out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2**20
     out["plain_all_s"], out["hyper_all_s"] = ph, hh
     out["ratio"] = out["hyper_s"] / out["plain_s"]
 
-    if name == "reversible" and T <= spec.get("profile_max_steps", 10**9):
+    if name == "reversible" and T <= spec.get("profile_max_steps", 10**9) and spec.get("profile", True):
         # Where the time goes. Every part runs T steps; all are timed in the same rounds as
         # plain training and the hypergradient (interleaved, one run each per round), so the
         # machine's load drifts equally into all of them.
         import revlearn
-        from revlearn._problem import split_inexact
-        from revlearn._train import prepare
         from revlearn.exact import _buffer, _grid
-        from revlearn.methods._reversible import gradient
 
         fwd = jax.jit(train(method))                       # Reversible forward only (fixed point + buffer)
 
@@ -182,33 +226,10 @@ def child(spec: dict) -> None:
         rng = np.random.default_rng(0)
         V0 = [jnp.asarray(rng.integers(-2**50, 2**50, s), jnp.int64) for s in shapes]
 
-        # the autodiff work of the two passes with everything else trivial: the weights move
-        # a little every step (so nothing is loop-invariant), computed exactly as Reversible
-        # computes it (`revlearn._reversible.gradient`): isolated with this backend's default
-        # placement of the VJP, or inline (`isolate_gradient=False`)
-        def autodiff(p0, l2, isolate, vjp):
-            p = prepare(P.loss_fn, p0, {"l2": l2}, lr=LR, momentum=MOMENTUM, steps=T)
-            thf, tho = split_inexact(p.theta)
-            how = revlearn.Reversible(isolate_gradient=isolate)
-
-            def step(c, t):
-                w, dw, dth = c
-                (g, _), vjp_out, _ = gradient(how, p.problem, w, thf, tho, t,
-                                              (lambda out: ((dw, jnp.zeros(())), None)) if vjp else None)
-                if vjp:
-                    hw, hth = vjp_out
-                    dw = jax.tree_util.tree_map(lambda a, b: 0.9 * a + 1e-3 * b, dw, hw)
-                    dth = jax.tree_util.tree_map(jnp.add, dth, hth)
-                return (jax.tree_util.tree_map(lambda a, b: a - 1e-12 * b, w, g), dw, dth), None
-
-            init = (p.params0, jax.tree_util.tree_map(jnp.ones_like, p.params0),
-                    jax.tree_util.tree_map(jnp.zeros_like, thf))
-            return jax.lax.scan(step, init, jnp.arange(T, dtype=jnp.int32))[0]
-
         parts = {"rev_forward_s": (fwd, args), "buffer_mul_only_s": (buf_only, (V0,))}
         for key, iso, vjp in (("grads_only_s", False, False), ("hvps_only_s", False, True),
                               ("iso_grads_only_s", True, False), ("iso_hvps_only_s", True, True)):
-            parts[key] = (jax.jit(lambda p0, l2, iso=iso, vjp=vjp: autodiff(p0, l2, iso, vjp)),
+            parts[key] = (jax.jit(lambda p0, l2, iso=iso, vjp=vjp: _autodiff(P, T, p0, l2, iso, vjp)),
                           (args[0], args[3]))
         for f, a in parts.values():
             block(f(*a))
@@ -280,6 +301,14 @@ def main(argv=None):
                     help="profile Reversible only at T up to this")
     ap.add_argument("--optimizer", choices=["momentum", "adam"], default="momentum",
                     help="inner optimiser (default momentum, the paper's)")
+    ap.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                    help="the model's dtype (params, data, gradient); Reversible's state is fixed point either way")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[],
+                    help="also time Reversible(budget=round(f T)) for each fraction f (e.g. 0 0.1 0.5 1), "
+                         "and draw their time-memory curve")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip timing the recomputation floor beside every cell")
+    ap.add_argument("--no-profile", action="store_true", help="skip Reversible's where-the-time-goes rounds")
     ap.add_argument("--name", help="results file stem (default core, or core_quick with --quick)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -297,10 +326,12 @@ def main(argv=None):
     base_mib = base.get("peak_rss_mib", float("nan"))
     cells = []
     measured_unrolled = None
+    methods = a.methods + [f"reversible@{f:g}" for f in a.budgets]
     for T in ([] if a.no_cells else sorted(steps)):
-        for m in a.methods:
+        for m in methods:
             spec = {"kind": "cell", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": a.reps,
-                    "optimizer": a.optimizer, "profile_max_steps": a.profile_max_steps}
+                    "optimizer": a.optimizer, "profile_max_steps": a.profile_max_steps,
+                    "dtype": a.dtype, "floor": not a.no_floor, "profile": not a.no_profile}
             if m == "unrolled" and measured_unrolled is not None:
                 est = unrolled_estimate_gib(measured_unrolled, T, base_mib)
                 if est > a.mem_limit_gib:
@@ -336,17 +367,64 @@ def main(argv=None):
         large_r["unrolled_lower_bound_gib"] = a.large_steps * P * 16 / GIB
         print("large", large_r, flush=True)
 
-    md = render(info, base, cells, large_r, xla, a.optimizer)
+    name = a.name or ("core" + ("_quick" if a.quick else ""))
+    png = plot_budget(cells, name) if a.budgets else None
+    md = render(info, base, cells, large_r, xla, a.optimizer, a.dtype, png)
     print(md)
-    paths = save(a.name or ("core" + ("_quick" if a.quick else "")), md,
+    paths = save(name, md,
                  {"machine": info, "baseline": base, "cells": cells, "large": large_r, "xla_memory": xla,
                   "config": {"sizes": SIZES, "batch": BATCH, "n_train": N_TRAIN, "optimizer": a.optimizer,
                              "lr": ADAM_LR if a.optimizer == "adam" else LR,
-                             "momentum": MOMENTUM, "b1": B1, "b2": B2, "eps": EPS, "l2": L2, "reps": a.reps}})
+                             "momentum": MOMENTUM, "b1": B1, "b2": B2, "eps": EPS, "l2": L2, "reps": a.reps,
+                             "dtype": a.dtype}})
     print("wrote", *paths)
 
 
-def render(info, base, cells, large_r, xla=(), optimizer="momentum") -> str:
+def _kept(method: str):
+    """The budget fraction of a "reversible@f" cell, else None."""
+    return float(method.split("@")[1]) if method.startswith("reversible@") else None
+
+
+def plot_budget(cells, name: str) -> str:
+    """Time against memory of Reversible(budget=f T) per T, with Unrolled and Checkpointed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    Ts = sorted({c["T"] for c in cells if _kept(c["method"]) is not None and "hyper_s" in c})
+    fig, axes = plt.subplots(1, len(Ts), figsize=(5.2 * len(Ts), 4.2), squeeze=False)
+    for ax, T in zip(axes[0], Ts):
+        ok = [c for c in cells if c["T"] == T and "hyper_s" in c]
+        mem = lambda c: c["peak_rss_mib"] - c["rss_after_setup_mib"]
+        kept = sorted((c for c in ok if _kept(c["method"]) is not None), key=lambda c: _kept(c["method"]))
+        ax.plot([mem(c) for c in kept], [c["hyper_s"] for c in kept], "o-", color="C0",
+                label="Reversible(budget = f T)")
+        for c in kept:
+            ax.annotate(f"{_kept(c['method']):.0%}", (mem(c), c["hyper_s"]), textcoords="offset points",
+                        xytext=(6, 4), fontsize=9, color="C0")
+        for m, style in (("unrolled", "s"), ("checkpointed", "^")):
+            for c in (c for c in ok if c["method"] == m):
+                ax.plot(mem(c), c["hyper_s"], style, color="C3" if m == "unrolled" else "C2",
+                        label=m.capitalize())
+        floors = [c["floor_s"] for c in ok if "floor_s" in c]
+        if floors:
+            ax.axhline(float(np.median(floors)), color="0.5", ls="--", lw=1,
+                       label="recomputation floor")
+        ax.set_xscale("log")
+        ax.set_xlabel("peak RSS above setup (MiB, log scale)")
+        ax.set_ylabel("one hypergradient (s)")
+        ax.set_title(f"T = {T}")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name + "_budget.png")
+    fig.savefig(png, dpi=110)
+    return png
+
+
+def render(info, base, cells, large_r, xla=(), optimizer="momentum", dtype="float64", png=None) -> str:
     inner = (f"Adam (b1 {B1}, b2 {B2}, eps {EPS}), per-layer per-step lr {ADAM_LR}"
              if optimizer == "adam" else f"momentum {MOMENTUM}, per-layer per-step lr {LR}")
     wrt = "b1" if optimizer == "adam" else "momentum"
@@ -356,7 +434,7 @@ def render(info, base, cells, large_r, xla=(), optimizer="momentum") -> str:
          f"python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, revlearn {info['revlearn']}; "
          f"JAX device {info.get('jax_device', '?')}. "
          "The cores are shared with other work, so timings carry noise.", "",
-         f"Problem: {'-'.join(map(str, SIZES))} tanh MLP ({num_weights(SIZES):,} weights), float64, batch {BATCH}, "
+         f"Problem: {'-'.join(map(str, SIZES))} tanh MLP ({num_weights(SIZES):,} weights), {dtype}, batch {BATCH}, "
          f"{inner}, per-weight L2 {L2}; hypergradient = "
          f"jit(grad) of the validation NLL w.r.t. (params0, lr, {wrt}, L2). Plain training = "
          "jit of `revlearn.train(..., method=Unrolled())` without grad. Times are medians of "
@@ -364,16 +442,22 @@ def render(info, base, cells, large_r, xla=(), optimizer="momentum") -> str:
          f"Baseline RSS (child that imports JAX and builds the data): "
          f"{fmt(base.get('peak_rss_mib'), '.0f')} MiB."]
     if cells:
-        L += ["", "| T | method | hypergradient (s) | plain training (s) | ratio | peak RSS (MiB) "
-              "| peak - setup RSS (MiB) | note |",
-              "|---:|---|---:|---:|---:|---:|---:|---|"]
+        L += ["", "floor = plain training + T steps of the gradient and its VJP (isolated, as Reversible "
+              "runs them), timed in the same rounds as the cell; x floor = the median over rounds of "
+              "hypergradient / floor. `reversible@f`: `Reversible(budget=round(f T))`.", "",
+              "| T | method | hypergradient (s) | plain training (s) | ratio | floor (s) | x floor "
+              "| peak RSS (MiB) | peak - setup RSS (MiB) | note |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for c in cells:
             if "skipped" in c or "error" in c:
-                L.append(f"| {c['T']} | {c['method']} | - | - | - | - | - | {c.get('skipped') or c.get('error')} |")
+                L.append(f"| {c['T']} | {c['method']} | - | - | - | - | - | - | - | {c.get('skipped') or c.get('error')} |")
                 continue
             L.append(f"| {c['T']} | {c['method']} | {c['hyper_s']:.3f} | {c['plain_s']:.3f} | {c['ratio']:.2f} | "
+                     f"{fmt(c.get('floor_s'), '.3f')} | {fmt(c.get('x_floor'), '.3f')} | "
                      f"{c['peak_rss_mib']:.0f} | {c['peak_rss_mib'] - c['rss_after_setup_mib']:.0f} | "
                      + (f"device peak {c['device_peak_mib']:,.0f} MiB |" if "device_peak_mib" in c else "|"))
+        if png:
+            L += ["", f"Time against memory of the budgets: `{os.path.basename(png)}`."]
         L += ["", "Memory ratio Unrolled / Reversible (peak RSS; and peak minus the child's RSS after setup):", ""]
         for T in sorted({c["T"] for c in cells}):
             r = next((c for c in cells if c["T"] == T and c["method"] == "reversible" and "peak_rss_mib" in c), None)

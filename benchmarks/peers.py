@@ -85,8 +85,8 @@ MOMENTUM = 0.9
 M_Q = round(MOMENTUM * 65536) / 65536
 L2 = 1e-4
 LIBS = ["revlearn-reversible-f64", "revlearn-unrolled-f64", "revlearn-checkpointed-f64",
-        "revlearn-unrolled-f32", "revlearn-checkpointed-f32",
-        "torch-manual-f64", "torch-manual-f32", "torchopt-f64", "higher-f64"]
+        "revlearn-reversible-f32", "revlearn-unrolled-f32", "revlearn-checkpointed-f32",
+        "torch-manual-f64", "torch-manual-f32", "torchopt-f64", "torchopt-f32", "higher-f64", "higher-f32"]
 QUICK_LIBS = ["revlearn-reversible-f64", "revlearn-unrolled-f64", "torch-manual-f64", "torchopt-f64"]
 # Adam inner loop (--optimizer adam)
 ADAM_LR = 1e-3     # lr_t for every t
@@ -433,11 +433,12 @@ def main(argv=None):
                           fmt(cell.get("rel_alpha"), ".2e"), "L2", fmt(cell.get("rel_l2"), ".2e"), ") vs",
                           cell.get("reference"), flush=True)
                 print(arch, T, lib, {k: v for k, v in cell.items() if k not in ("sizes", "times_s")}, flush=True)
-    # ratio to Reversible, same arch and T, same run
+    # ratio to Reversible of the same dtype (float64 where there is none), same arch and T, same run
     for c in cells:
-        r = next((x for x in cells if x["arch"] == c["arch"] and x["T"] == c["T"]
-                  and x["lib"] == ("revlearn-reversible-adam-f64" if adam else "revlearn-reversible-f64")
-                  and "time_s" in x), None)
+        rev = lambda dt: ("revlearn-reversible-adam-" if adam else "revlearn-reversible-") + dt
+        same = [x for x in cells if x["arch"] == c["arch"] and x["T"] == c["T"] and "time_s" in x]
+        r = next((x for x in same if x["lib"] == rev(c["lib"].split("-")[-1])), None) or \
+            next((x for x in same if x["lib"] == rev("f64")), None)
         if r and "time_s" in c:
             c["time_ratio"] = c["time_s"] / r["time_s"]
             c["mem_ratio"] = c["peak_rss_mib"] / r["peak_rss_mib"]
@@ -557,7 +558,7 @@ def render(info, base, cells, frontier, png, a) -> str:
          f"{fmt(base.get('baseline-jax'), '.0f')} MiB; same for torch: {fmt(base.get('baseline-torch'), '.0f')} MiB. "
          f"rel = max over ({hyper.split()[0]}, L2) of ||g - g_ref|| / ||g_ref||, g_ref = revlearn Unrolled float64 "
          "(Checkpointed float64 where Unrolled is skipped) with the same optimizer.", "",
-         "| arch | T | library | time / hypergradient (s) | x Reversible | peak RSS (MiB) | x Reversible | rel vs reference | note |",
+         "| arch | T | library | time / hypergradient (s) | x Reversible (same dtype) | peak RSS (MiB) | x Reversible | rel vs reference | note |",
          "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for c in cells:
         arch = "-".join(map(str, c["sizes"]))

@@ -432,12 +432,13 @@ def _split_xs(xs, at: int):
 
 def _entry_adjoints(lay: Layout, cts: dict, entries: dict) -> dict:
     """Per name, the adjoints of the per-leaf entries from the adjoint of their packed spread
-    (each [nblocks, 1] or [nblocks, BLOCK]): the single-value entries of every name through
-    one row reduction and one segment sum, the others summed over their leaf to their shape."""
+    (each broadcastable to [nblocks, BLOCK]): the single-value entries of every name through
+    one reduction of their stack and one segment sum, the others summed over their leaf to
+    their shape."""
     names = list(cts)
     single = {n: [np.size(e) == 1 for e in entries[n]] for n in names}
-    rows = [cts[n][:, 0] if cts[n].shape[-1] == 1 else jnp.sum(cts[n], axis=-1) for n in names]
-    sums = lay.sums(jnp.stack(rows)[..., None]) if rows else None        # [names, L]
+    sums = lay.sums(jnp.stack([jnp.broadcast_to(cts[n], lay.shape) for n in names])) \
+        if names else None                                                  # [names, L]
     out = {}
     for j, n in enumerate(names):
         full = jnp.broadcast_to(cts[n], lay.shape)
@@ -498,9 +499,13 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
         def adjoint(prev, g):
             """The VJP of the rule's float step at (w_t, prev, g): (dw, dmoments, dg, and the
             adjoints of the hyperparameters' and decays' entries)."""
-            reads = {n: sv.h[n] for n in (rule.step_reads or sv.h)}
+            # hyperparameters and decays enter at full shape, so their adjoints come out as
+            # elementwise products (no reduction per name inside the VJP) and
+            # `_entry_adjoints` reduces them all in one pass
+            full = lambda a: jnp.broadcast_to(a, lay.shape)
+            reads = {n: full(sv.h[n]) for n in (rule.step_reads or sv.h)}
             _, vjp = jax.vjp(lambda w, s, g, h, d: rule.float_step(w, s, g, h, d, sv.k),
-                             w_t, prev, g, reads, sv.d)
+                             w_t, prev, g, reads, {n: full(a) for n, a in sv.d.items()})
             dw_p, ds, dg, dh, dd = vjp((dw, dict(zip(names, dX))))
             adj = _entry_adjoints(lay, {**{("h", n): a for n, a in dh.items()},
                                         **{("d", n): a for n, a in dd.items()}},

@@ -72,6 +72,11 @@ def test_budget_in_bytes_keeps_what_fits():
         assert revlearn.Reversible(budget=budget).kept_steps(p) == steps, budget
     assert revlearn.Reversible(budget=10**6).kept_steps(p) == STEPS
     assert revlearn.Reversible().kept_steps(p) == 0
+    # what a user reads to size a budget
+    loss_fn, _, params0, hypers = make("mlp")
+    usage = revlearn.buffer_usage(loss_fn, params0, hypers, steps=STEPS, lr=0.2, momentum=0.9,
+                                  method=revlearn.Reversible(budget=f"{5 * per}B"))
+    assert (usage.kept_step_bytes, usage.kept_steps) == (per, 5)
     _, g_bytes = momentum_hypergrads("logistic", revlearn.Reversible(min_momentum=0.5,
                                                                      budget="1MB"))
     _, g_none = momentum_hypergrads("logistic", revlearn.Reversible(min_momentum=0.5))

@@ -164,6 +164,9 @@ class BufferUsage:
       capacity_words: the words per weight reserved (the largest over decays and leaves).
       max_words_used: the words per weight used (the largest over decays and leaves).
       per_decay: (name, bits, ideal bits) per weight per step, for each decay.
+      kept_step_bytes: the bytes one step kept by `Reversible(budget=...)` takes (its
+        gradient and VJP residuals), to size a budget.
+      kept_steps: how many of the last steps the method's budget keeps (0 without one).
       ratio: bits / ideal bits.
     """
 
@@ -172,6 +175,8 @@ class BufferUsage:
     capacity_words: int
     max_words_used: int
     per_decay: tuple = ()
+    kept_step_bytes: int = 0
+    kept_steps: int = 0
 
     @property
     def ratio(self) -> float:
@@ -211,6 +216,7 @@ def buffer_usage(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=Non
                                       optimizer=revlearn.optim.momentum(0.1, 0.9))
         print(usage.bits_per_weight_per_step, usage.ideal_bits_per_weight_per_step)
         # 0.15207 0.15201: within 0.1% of log2(1 / 0.9)
+        print(usage.kept_step_bytes)    # what one step of Reversible(budget=...) takes
         ```
     """
     where = "buffer_usage"
@@ -258,7 +264,8 @@ def buffer_usage(loss_fn, params0, hypers=None, *, steps, optimizer=None, lr=Non
         ideal_total += ideal
     cap = max((max(c, default=0) for c in capacity.values()), default=0)
     return BufferUsage(sum(b for _, b, _ in per), ideal_total, cap,
-                       int(max((int(w) for w in words), default=0)), tuple(per))
+                       int(max((int(w) for w in words), default=0)), tuple(per),
+                       method.step_bytes(p, *split_inexact(p.theta)), method.kept_steps(p))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -690,8 +690,9 @@ class Reversible:
         as many of the last steps as fit, and the reverse pass applies those VJPs instead
         of recomputing the gradient (still exact: the kept gradient is the one the forward
         pass applied). A number of steps (int >= 0, at most T is used), or a size in
-        bytes as a string, e.g. "512MiB" or "2GB" (`Reversible.step_bytes` is the cost of
-        one step; under `jax.vmap` it is per vmapped problem). None or 0 (default):
+        bytes as a string, e.g. "512MiB" or "2GB" (`revlearn.buffer_usage(...)
+        .kept_step_bytes` is the cost of one step; under `jax.vmap` it is per vmapped
+        problem). None or 0 (default):
         nothing kept, every gradient recomputed. With all T steps kept the method costs
         about what `Unrolled` costs, in time and in memory. Kept steps compute the
         gradient beside its residuals instead of isolated, so w_T may differ from the

@@ -104,3 +104,19 @@ def test_adam_and_path_term_with_kept_steps():
 def test_bad_budget_is_refused_at_construction(budget):
     with pytest.raises(ValueError, match=r"Reversible\(budget=.*number of steps"):
         revlearn.Reversible(budget=budget)
+
+
+def test_kept_steps_under_vmap():
+    """A budget under jax.vmap (the batched gradient's residuals are kept per problem)."""
+    loss_fn, meta_fn, params0, hypers = make("logistic")
+
+    def f(log_l2, method):
+        hyp = {**hypers, "log_l2": jnp.full_like(hypers["log_l2"], log_l2)}
+        return meta_fn(revlearn.sgd(loss_fn, params0, hyp, lr=0.3, momentum=0.9, steps=STEPS,
+                                    method=method))
+
+    ls = jnp.array([-5.0, -3.0, -1.0])
+    grad = lambda m: jax.jit(jax.vmap(jax.grad(lambda l: f(l, m))))(ls)
+    gb, gu = grad(revlearn.Reversible(budget=STEPS // 2)), grad(revlearn.Unrolled())
+    np.testing.assert_allclose(np.asarray(gb), np.asarray(gu), rtol=1e-7)
+    assert len(set(np.round(np.asarray(gb), 12))) == 3

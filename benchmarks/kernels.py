@@ -14,6 +14,11 @@ exact.
 Usage:
     python benchmarks/kernels.py                       # T = 100, f64, reversible and unrolled
     python benchmarks/kernels.py --dtype float32 --budget 0.5 --name kernels_f32
+    python benchmarks/kernels.py --sizes 784 1000 1000 10 --batch 100 --steps 20 \
+        --dtype float32 --name kernels_large_f32      # the peers' large net
+
+Each method's row also gives the wall time per step of the hypergradient and of plain
+training (the median of 3 timed runs after the warm-up).
 """
 
 from __future__ import annotations
@@ -53,6 +58,21 @@ def where(op: str) -> tuple[str, str]:
     return pas, "autodiff (isolated branch)" if "cond/branch" in op else "rest"
 
 
+def wall_ms_per_step(fn, args, T: int) -> float:
+    """Median wall time of 3 runs of fn(*args) after a warm-up run, per step (ms)."""
+    import statistics
+    import time
+
+    import jax
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / T * 1e3
+
+
 def profile(fn, args, T: int) -> dict:
     """Per (pass, part): kernels per step and summed kernel time per step (us)."""
     import jax
@@ -82,27 +102,40 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     ap.add_argument("--budget", type=float, default=None,
                     help="also profile Reversible(budget=round(f T))")
+    ap.add_argument("--sizes", type=int, nargs="+", help="MLP layer sizes (default core.py's)")
+    ap.add_argument("--batch", type=int, help="minibatch (default core.py's)")
     ap.add_argument("--name", default="kernels")
     a = ap.parse_args(argv)
 
     import core
-    T = a.steps
-    P, args, train, hyper, method_of = core._setup(core.SIZES, core.BATCH, T, "momentum", a.dtype)
+    import jax
+    T, sizes, batch = a.steps, a.sizes or core.SIZES, a.batch or core.BATCH
+    P, args, train, hyper, method_of = core._setup(sizes, batch, T, "momentum", a.dtype)
     methods = ["reversible", "unrolled"] + ([f"reversible@{a.budget:g}"] if a.budget is not None else [])
     info = machine_info()
-    rows = {m: profile(hyper(method_of(m, T)), args, T) for m in methods}
+    plain = jax.jit(train(method_of("unrolled", T)))
+    rows, wall = {}, {}
+    for m in methods:
+        fn = hyper(method_of(m, T))
+        wall[m] = {"hypergradient_ms_per_step": wall_ms_per_step(fn, args, T),
+                   "plain_ms_per_step": wall_ms_per_step(plain, args, T)}
+        rows[m] = profile(fn, args, T)
     L = [f"# Kernels per step ({info['date']})", "",
          f"Machine: {info.get('cpu', '?')}, {info['cores']} cores; JAX device {info.get('jax_device')}; "
-         f"jax {info['jax']}. Problem: core.py's MLP, {a.dtype}, T = {T}; one profiled run of the "
-         "jit-compiled hypergradient after a warm-up run.", "",
-         "| method | pass / part | kernels per step | summed kernel time per step (us) |",
-         "|---|---|---:|---:|"]
+         f"jax {info['jax']}. Problem: core.py's problem on a {'-'.join(map(str, sizes))} MLP "
+         f"({core.num_weights(sizes):,} weights), batch {batch}, {a.dtype}, T = {T}; one profiled run "
+         "of the jit-compiled hypergradient after a warm-up run.", "",
+         "| method | hypergradient (ms / step) | plain training (ms / step) |", "|---|---:|---:|"]
+    L += [f"| {m} | {w['hypergradient_ms_per_step']:.2f} | {w['plain_ms_per_step']:.2f} |" for m, w in wall.items()]
+    L += ["", "| method | pass / part | kernels per step | summed kernel time per step (us) |",
+          "|---|---|---:|---:|"]
     for m, r in rows.items():
         for k, v in r.items():
             L.append(f"| {m} | {k} | {v['kernels_per_step']:.1f} | {v['kernel_us_per_step']:.0f} |")
     md = "\n".join(L) + "\n"
     print(md)
-    print("wrote", *save(a.name, md, {"machine": info, "steps": T, "dtype": a.dtype, "rows": rows}))
+    print("wrote", *save(a.name, md, {"machine": info, "steps": T, "dtype": a.dtype, "sizes": sizes,
+                                      "batch": batch, "wall": wall, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ equal the initial ones bit-for-bit; anything else raises `ReversibleError`
 rather than return a wrong gradient. Memory: O(P) plus the buffers, about
 sum_j log2(1 / d_j) bits per weight per step.
 
+Kept steps (`Reversible(budget=...)`): the last S steps' forward pass also keeps
+g_t and the residuals of the VJP of (w, theta) -> grad_w L(w, theta, t) (those
+computed from w: `_kept_mask`); their reverse steps undo the state with the kept
+g_t and apply the kept VJP, so the reversal stays exact and the gradient is not
+recomputed. Memory then grows by S times one step's residuals.
+
 Cost. On CPU each array a step writes is one XLA kernel, so the packed layout
 makes each elementwise stage one kernel for the whole model, and the few
 intermediates that several kernels read (the buffer's decoded symbol, the
@@ -346,7 +352,7 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
             # pass does not recompute it, so its bits need not match a second evaluation)
             (g_tree, path_t), vjp = _gradient_vjp(problem, theta_o, params, theta_f, t)
             kept = (jax.tree_util.tree_leaves(g_tree),
-                    [r for r, k in zip(jax.tree_util.tree_leaves(vjp), mask) if k])
+                    [r for r, stored in zip(jax.tree_util.tree_leaves(vjp), mask) if stored])
         else:
             (g_tree, path_t), _, _ = gradient(method, problem, params, theta_f, theta_o, t)
             kept = None
@@ -546,7 +552,7 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
             res, tree = jax.tree_util.tree_flatten(
                 _gradient_vjp(problem, theta_o, params, theta_f, t)[1])
             stored = iter(stored)
-            res = [next(stored) if k else r for r, k in zip(res, mask)]
+            res = [next(stored) if kept_leaf else r for r, kept_leaf in zip(res, mask)]
             hw, hth = jax.tree_util.tree_unflatten(tree, res)(ct)
         g = place(lay.pack(jax.tree_util.tree_leaves(g_tree), jnp.float64)) / ones   # one kernel
         X = list(X)
@@ -700,7 +706,7 @@ class Reversible:
 
     Memory per weight: W, each moment, each decay's x and the loops' array of ones (8 bytes
     each, each leaf padded to whole rows of 64), plus the words, sum_t log2(1/d_t) /
-    word_bits per decay.
+    word_bits per decay; with a budget, the kept steps' gradients and residuals on top.
 
     Raises:
       ValueError: (at construction) a field out of range, e.g. frac_bits outside [8, 60]

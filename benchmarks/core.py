@@ -309,6 +309,8 @@ def main(argv=None):
     ap.add_argument("--no-floor", action="store_true",
                     help="skip timing the recomputation floor beside every cell")
     ap.add_argument("--no-profile", action="store_true", help="skip Reversible's where-the-time-goes rounds")
+    ap.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="MLP layer sizes of the cells")
+    ap.add_argument("--batch", type=int, default=BATCH, help="minibatch of the cells")
     ap.add_argument("--name", help="results file stem (default core, or core_quick with --quick)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -329,7 +331,7 @@ def main(argv=None):
     methods = a.methods + [f"reversible@{f:g}" for f in a.budgets]
     for T in ([] if a.no_cells else sorted(steps)):
         for m in methods:
-            spec = {"kind": "cell", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": a.reps,
+            spec = {"kind": "cell", "method": m, "T": T, "sizes": a.sizes, "batch": a.batch, "reps": a.reps,
                     "optimizer": a.optimizer, "profile_max_steps": a.profile_max_steps,
                     "dtype": a.dtype, "floor": not a.no_floor, "profile": not a.no_profile}
             if m == "unrolled" and measured_unrolled is not None:
@@ -351,7 +353,7 @@ def main(argv=None):
     if a.xla_memory:
         for T in sorted(steps):
             for m in a.methods:
-                spec = {"kind": "xla_memory", "method": m, "T": T, "sizes": SIZES, "batch": BATCH, "reps": 1,
+                spec = {"kind": "xla_memory", "method": m, "T": T, "sizes": a.sizes, "batch": a.batch, "reps": 1,
                         "optimizer": a.optimizer}
                 xla.append({**spec, **run_child(me, spec, 3000)})
                 print("xla", xla[-1], flush=True)
@@ -369,11 +371,11 @@ def main(argv=None):
 
     name = a.name or ("core" + ("_quick" if a.quick else ""))
     png = plot_budget(cells, name) if a.budgets else None
-    md = render(info, base, cells, large_r, xla, a.optimizer, a.dtype, png)
+    md = render(info, base, cells, large_r, xla, a.optimizer, a.dtype, png, a.sizes, a.batch)
     print(md)
     paths = save(name, md,
                  {"machine": info, "baseline": base, "cells": cells, "large": large_r, "xla_memory": xla,
-                  "config": {"sizes": SIZES, "batch": BATCH, "n_train": N_TRAIN, "optimizer": a.optimizer,
+                  "config": {"sizes": a.sizes, "batch": a.batch, "n_train": N_TRAIN, "optimizer": a.optimizer,
                              "lr": ADAM_LR if a.optimizer == "adam" else LR,
                              "momentum": MOMENTUM, "b1": B1, "b2": B2, "eps": EPS, "l2": L2, "reps": a.reps,
                              "dtype": a.dtype}})
@@ -424,7 +426,8 @@ def plot_budget(cells, name: str) -> str:
     return png
 
 
-def render(info, base, cells, large_r, xla=(), optimizer="momentum", dtype="float64", png=None) -> str:
+def render(info, base, cells, large_r, xla=(), optimizer="momentum", dtype="float64", png=None,
+           sizes=SIZES, batch=BATCH) -> str:
     inner = (f"Adam (b1 {B1}, b2 {B2}, eps {EPS}), per-layer per-step lr {ADAM_LR}"
              if optimizer == "adam" else f"momentum {MOMENTUM}, per-layer per-step lr {LR}")
     wrt = "b1" if optimizer == "adam" else "momentum"
@@ -434,7 +437,7 @@ def render(info, base, cells, large_r, xla=(), optimizer="momentum", dtype="floa
          f"python {info['python']}, jax {info['jax']}, jaxlib {info['jaxlib']}, revlearn {info['revlearn']}; "
          f"JAX device {info.get('jax_device', '?')}. "
          "The cores are shared with other work, so timings carry noise.", "",
-         f"Problem: {'-'.join(map(str, SIZES))} tanh MLP ({num_weights(SIZES):,} weights), {dtype}, batch {BATCH}, "
+         f"Problem: {'-'.join(map(str, sizes))} tanh MLP ({num_weights(sizes):,} weights), {dtype}, batch {batch}, "
          f"{inner}, per-weight L2 {L2}; hypergradient = "
          f"jit(grad) of the validation NLL w.r.t. (params0, lr, {wrt}, L2). Plain training = "
          "jit of `revlearn.train(..., method=Unrolled())` without grad. Times are medians of "

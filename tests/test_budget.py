@@ -16,6 +16,7 @@ import pytest
 import revlearn
 from revlearn._problem import split_inexact
 from revlearn._train import prepare
+from revlearn.methods import _reversible
 from _problems import layer_schedules, make
 
 STEPS = 12
@@ -64,9 +65,16 @@ def test_kept_steps_give_the_same_hypergradients(model, budget):
 def test_budget_in_bytes_keeps_what_fits():
     p, per = step_bytes("mlp")
     params_bytes = sum(int(np.prod(s)) * 8 for s in p.problem.shapes)
-    # the kept gradient plus at least one layer's activations; the minibatch (16 x 784, a
-    # slice of a hyperparameter) and the params themselves are recomputed, not kept
-    assert params_bytes < per < 2 * params_bytes + 16 * 784 * 8
+    # what is kept: the gradient plus the matrix products computed from the params (the
+    # activations of the 16-example minibatch); the training inputs (a 64 x 784
+    # hyperparameter) and the params themselves are recomputed
+    theta_f, theta_o = split_inexact(p.theta)
+    res = _reversible._kept_residuals(p.problem, theta_o, p.params0, theta_f)
+    kept = [a.shape for k, a in res if k]
+    dropped = [a.shape for k, a in res if not k]
+    assert kept and all(s[0] == 16 and len(s) == 2 for s in kept), kept
+    assert (64, 784) in dropped and all(s in dropped for s in p.problem.shapes)
+    assert per == params_bytes + sum(int(np.prod(s)) * 8 for s in kept)
     for budget, steps in [(f"{3 * per + per // 2}B", 3), (f"{per - 1}B", 0), ("1GiB", STEPS),
                           (f"{per / 2**10:.6f}KiB", 1)]:
         assert revlearn.Reversible(budget=budget).kept_steps(p) == steps, budget

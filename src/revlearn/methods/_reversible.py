@@ -34,7 +34,7 @@ sum_j log2(1 / d_j) bits per weight per step.
 
 Kept steps (`Reversible(budget=...)`): the last S steps' forward pass also keeps
 g_t and the residuals of the VJP of (w, theta) -> grad_w L(w, theta, t) (those
-computed from w: `_kept_mask`); their reverse steps undo the state with the kept
+computed from w: `_kept_residuals`); their reverse steps undo the state with the kept
 g_t and apply the kept VJP, so the reversal stays exact and the gradient is not
 recomputed. Memory then grows by S times one step's residuals.
 
@@ -318,7 +318,7 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
     """Train `steps` steps in fixed point from the float leaves w0 and moments s0 (theta split
     into float leaves `theta_f` and the others `theta_o`, see `_problem.split_inexact`);
     `decays`: the decay schedules on their grids. The last `store` steps keep their
-    gradient and its VJP's residuals (`Forward.stored`, those `_kept_mask` selects) for
+    gradient and its VJP's residuals (`Forward.stored`, those `_kept_residuals` selects) for
     `backward` to use instead of recomputing them."""
     problem, rule, k = p.problem, p.rule, method.frac_bits
     lay, place = layout(p), _sharding.placer(p.mesh)
@@ -391,7 +391,8 @@ def forward(p: Prepared, method: "Reversible", capacity: dict, w0: list, s0: dic
                   tuple(b[2] for b in bufs), tuple(b[3] for b in bufs))) + (
         jnp.zeros((), jnp.float64), fault)
     first, last = _split_xs(_xs(problem, hypers, decays, coding), problem.steps - store)
-    mask = _kept_mask(problem, theta_o, _params(problem, lay, W0, k), theta_f) if store else ()
+    mask = [kept for kept, _ in _kept_residuals(problem, theta_o, _params(problem, lay, W0, k),
+                                           theta_f)] if store else ()
     carry = init
     if problem.steps > store:
         carry, _ = jax.lax.scan(step, carry, first)
@@ -412,11 +413,12 @@ def _gradient_vjp(problem: Problem, theta_o, params, theta_f, t):
     return jax.vjp(f, params, theta_f)
 
 
-def _kept_mask(problem: Problem, theta_o, params, theta_f) -> tuple:
-    """Per leaf of the gradient's VJP (its residuals), whether a kept step stores it: those
-    computed from the params. The others (the params themselves, the minibatch, functions
-    of theta alone) the reverse pass recomputes beside the stored ones from the recovered
-    params and the step index, where the compiler keeps only their own computation."""
+def _kept_residuals(problem: Problem, theta_o, params, theta_f) -> tuple:
+    """Per leaf of the gradient's VJP (its residuals), (whether a kept step stores it, its
+    shape and dtype). Stored: those computed from the params. The others (the params
+    themselves, the minibatch, functions of theta alone) the reverse pass recomputes beside
+    the stored ones from the recovered params and the step index, where the compiler keeps
+    only their own computation."""
     def residuals(params, theta_f, t):
         return jax.tree_util.tree_leaves(_gradient_vjp(problem, theta_o, params, theta_f, t)[1])
 
@@ -426,7 +428,7 @@ def _kept_mask(problem: Problem, theta_o, params, theta_f) -> tuple:
     for eqn in jaxpr.eqns:               # any equation reading the params, transitively
         if any(isinstance(v, jax.extend.core.Var) and v in dep for v in eqn.invars):
             dep.update(eqn.outvars)
-    return tuple(isinstance(v, jax.extend.core.Var) and v in dep and v not in inputs
+    return tuple((isinstance(v, jax.extend.core.Var) and v in dep and v not in inputs, v.aval)
                  for v in jaxpr.outvars)
 
 
@@ -443,13 +445,12 @@ def _entry_adjoints(lay: Layout, cts: dict, entries: dict) -> dict:
     their shape."""
     names = list(cts)
     single = {n: [np.size(e) == 1 for e in entries[n]] for n in names}
-    sums = lay.sums(jnp.stack([jnp.broadcast_to(cts[n], lay.shape) for n in names])) \
-        if names else None                                                  # [names, L]
+    full = {n: jnp.broadcast_to(cts[n], lay.shape) for n in names}
+    sums = lay.sums(jnp.stack([full[n] for n in names])) if names else None   # [names, L]
     out = {}
     for j, n in enumerate(names):
-        full = jnp.broadcast_to(cts[n], lay.shape)
         out[n] = [sums[j, i].reshape(np.shape(e)) if single[n][i]
-                  else _sum_to(lay.leaf(full, i), np.shape(e)) for i, e in enumerate(entries[n])]
+                  else _sum_to(lay.leaf(full[n], i), np.shape(e)) for i, e in enumerate(entries[n])]
     return out
 
 
@@ -601,7 +602,8 @@ def backward(p: Prepared, method: "Reversible", fw: Forward, theta_f, theta_o, h
         zeros(theta_f), {n: zeros(s.constant) for n, s in hypers.items()},
         {n: zeros(s.constant) for n, s in decays.items()}, _faults.Fault.none())
     store = fw.stored[0][0].shape[0] if fw.stored else 0
-    mask = _kept_mask(problem, theta_o, _params(problem, lay, fw.W0, k), theta_f) if store else ()
+    mask = [kept for kept, _ in _kept_residuals(problem, theta_o, _params(problem, lay, fw.W0, k),
+                                           theta_f)] if store else ()
     first, last = _split_xs(_xs(problem, hypers, decays, fw.coding), problem.steps - store)
     carry, ys = init, []
     if store:
@@ -692,15 +694,16 @@ class Reversible:
         pass False there if the reversal reports drift). Convolutions on GPU also need
         XLA_FLAGS=--xla_gpu_deterministic_ops=true.
       budget: memory that buys speed: the forward pass keeps the gradient and its VJP's
-        residuals (what `jax.vjp` of the gradient stores: activations, the minibatch) for
-        as many of the last steps as fit, and the reverse pass applies those VJPs instead
+        residuals (the outputs of its matrix products computed from the weights; the
+        weights, the minibatch and the rest are recomputed) for as many of the last steps
+        as fit, and the reverse pass applies those VJPs instead
         of recomputing the gradient (still exact: the kept gradient is the one the forward
         pass applied). A number of steps (int >= 0, at most T is used), or a size in
         bytes as a string, e.g. "512MiB" or "2GB" (`revlearn.buffer_usage(...)
         .kept_step_bytes` is the cost of one step; under `jax.vmap` it is per vmapped
         problem). None or 0 (default):
-        nothing kept, every gradient recomputed. With all T steps kept the method costs
-        about what `Unrolled` costs, in time and in memory. Kept steps compute the
+        nothing kept, every gradient recomputed. With all T steps kept, memory grows
+        like `Unrolled`'s, O(T P), but less per step. Kept steps compute the
         gradient beside its residuals instead of isolated, so w_T may differ from the
         budget-0 run's in the last bits (the reversal is exact either way).
 
@@ -758,14 +761,10 @@ class Reversible:
     def step_bytes(self, p: Prepared, theta_f, theta_o) -> int:
         """Bytes one kept step takes (`budget`): its gradient and its VJP's residuals."""
         problem = p.problem
-        params = problem.treedef.unflatten([jax.ShapeDtypeStruct(s, dt) for s, dt in
-                                            zip(problem.shapes, problem.dtypes)])
-        mask = _kept_mask(problem, theta_o, params, theta_f)
-        res = jax.eval_shape(lambda pp, th: jax.tree_util.tree_leaves(
-            _gradient_vjp(problem, theta_o, pp, th, jnp.int32(0))[1]), params, theta_f)
-        kept = [r for r, k in zip(res, mask) if k] + [jax.ShapeDtypeStruct(s, dt) for s, dt in
-                                                       zip(problem.shapes, problem.dtypes)]
-        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in kept)
+        gradient = [jax.ShapeDtypeStruct(s, dt) for s, dt in zip(problem.shapes, problem.dtypes)]
+        params = problem.treedef.unflatten(gradient)
+        stored = [a for kept, a in _kept_residuals(problem, theta_o, params, theta_f) if kept]
+        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in stored + gradient)
 
     def kept_steps(self, p: Prepared, theta_f=None, theta_o=None) -> int:
         """How many of the last steps the forward pass keeps for the reverse pass (`budget`)."""

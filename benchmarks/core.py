@@ -229,7 +229,8 @@ def child(spec: dict) -> None:
         parts = {"rev_forward_s": (fwd, args), "buffer_mul_only_s": (buf_only, (V0,))}
         for key, iso, vjp in (("grads_only_s", False, False), ("hvps_only_s", False, True),
                               ("iso_grads_only_s", True, False), ("iso_hvps_only_s", True, True)):
-            parts[key] = (jax.jit(lambda p0, l2, iso=iso, vjp=vjp: _autodiff(P, T, p0, l2, iso, vjp)),
+            parts[key] = ((hvps if iso and vjp and hvps is not None else   # the cell's floor, compiled
+                           jax.jit(lambda p0, l2, iso=iso, vjp=vjp: _autodiff(P, T, p0, l2, iso, vjp))),
                           (args[0], args[3]))
         for f, a in parts.values():
             block(f(*a))

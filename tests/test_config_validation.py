@@ -151,10 +151,10 @@ SPECIFIC = {
                           "n_curve_draws=0", "n_train=9500"],
     "schedules": ["sizes=784,0,10", "sizes=100,10", "n_average=0", "init_decay=0.05",
                   "init_decay=0.9999", "min_decay=0", "min_decay=1e-6", "n_train=10001",
-                  "b2=1.0", "eps=0", "optimizer=adam"],
+                  "b2=1.0", "eps=0"],
     "adam-schedules": ["min_decay=0.001", "init_decay=0.05", "init_decay=0.99999999",
                        "b2=1.0", "b2=0.99999999", "b2=0", "eps=0", "eps=-1e-8",
-                       "init_decay=1.5", "optimizer=sgd"],
+                       "init_decay=1.5"],
     "chaos": ["sizes=784,0,10", "scale_points=1", "lr_zoom_points=1", "chunk=0", "fd_steps=0",
               "fd_h=1e-3,0", "fd_h=", "scale_range=1,-4", "lr_zoom=2,2", "frac_bits=7",
               "frac_bits=61", "lr_steps=-1", "n_train=20000"],
@@ -179,6 +179,8 @@ def _range_cases():
         for key, values in COMMON.items():
             if key in fields and not (name == "learned-structure" and key == "grid"):
                 cases += [(name, f"{key}={v}") for v in values]
+        stale = [o for o in SPECIFIC[name] if o.partition("=")[0] not in fields]
+        assert not stale, f"{name}: bad-override cases for settings it does not have: {stale}"
         cases += [(name, o) for o in SPECIFIC[name]]
     return cases
 

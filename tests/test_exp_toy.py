@@ -78,7 +78,6 @@ def test_naive_reversal_error_grows_about_like_inverse_momentum(dtype):
     steps, gamma = CFG.reverse_steps, CFG.reverse_momentum
     lr = jnp.full((steps,), math.exp(CFG.reverse_log_lr))
     fw, back = toy.naive_roundtrip(W0, lr, jnp.full((steps,), gamma), dtype)
-    np.testing.assert_array_equal(back[-1], fw[-1])
     err = np.linalg.norm(np.asarray(back - fw, np.float64), axis=1)
     bound = np.finfo(dtype).eps * (1 / gamma) ** (steps - np.arange(steps + 1))
     assert 0.01 * bound[0] < err[0] < 10 * bound[0]  # w_0 is lost by about eps / gamma^T

@@ -27,7 +27,8 @@ __all__ = ["SHA256", "Omniglot", "load_omniglot"]
 FILE = "omniglot_small1_28x28.npz"
 #: sha256 of the bundled file (printed by `python -m revlearn.data._omniglot_build`).
 SHA256 = "14a5cad1b141c7cddc8f4cc6a92cd0d393fe73477ff4651d8d94f25c5f804c57"
-_FIX = "reinstall revlearn, or rebuild it with `python -m revlearn.data._omniglot_build`"
+_FIX = ("reinstall revlearn, or rebuild it with "
+        "`python -m revlearn.data._omniglot_build --zip images_background_small1.zip`")
 
 
 class Omniglot(NamedTuple):

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 ZIP_SHA256 = "f38eb80f801274ac2b4dff5b24289016bfaba4a7d5bb50deebf27104ad6cb8a4"
-DEFAULT_ZIP = "/work/shared/data/omniglot/images_background_small1.zip"
 OUT = Path(__file__).parent / "embedded" / "omniglot_small1_28x28.npz"
 SIZE_IN, SIZE_OUT = 105, 28
 _NAME = re.compile(r"^[^/]+/([^/]+)/character(\d+)/\d+_(\d+)\.png$")
@@ -88,7 +87,8 @@ def build(zip_path: str | Path, out: str | Path = OUT) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m revlearn.data._omniglot_build",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--zip", default=DEFAULT_ZIP, help="images_background_small1.zip")
+    parser.add_argument("--zip", required=True,
+                        help="path to images_background_small1.zip (sha256 checked)")
     parser.add_argument("--out", default=str(OUT), help="the npz to write")
     args = parser.parse_args(argv)
     print(f"{args.out}\nsha256 {build(args.zip, args.out)}")

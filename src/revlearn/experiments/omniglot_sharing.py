@@ -128,7 +128,8 @@ def _split(tasks, drawers, mean, dtype) -> list[tuple]:
         x = np.zeros((len(idx), c * drawers[0].shape[1], 784), np.float32)
         y = np.zeros(x.shape[:2] + (N_OUT,), np.float32)
         for i, r in enumerate(rows[t] for t in idx):
-            x[i, :len(r)], y[i, np.arange(len(r)), pool.character[r]] = pool.images[r] - mean, 1
+            x[i, :len(r)] = pool.images[r] - mean
+            y[i, :len(r)] = rdata.one_hot(pool.character[r], N_OUT)
         out.append((jnp.asarray(x, dtype), jnp.asarray(y, dtype)))
     return out
 
@@ -188,7 +189,7 @@ def _hypergrad(transform, z0, data, static: Config, chars):
     def objective(transform):
         loss, w0, h = _problem(transform, z0, data["train"], static, chars)
         z = revlearn.sgd(loss, w0, h, lr=static.lr, momentum=static.momentum, steps=static.steps,
-                         method=revlearn.Reversible(min_momentum=static.momentum))
+                         method=revlearn.Reversible())
         m = _scores(transform, z, data, chars)
         return m["valid_loss"], m
 

@@ -691,7 +691,8 @@ class Reversible:
         compiled beside its VJP rounded differently from the forward pass's; see
         `benchmarks/results/exactness_gpu.md`) and under `jax.vmap` (where it did on CPU
         for Adam and RMSProp; a vmap applied outside a `jax.jit` of train cannot be seen, so
-        pass False there if the reversal reports drift). Convolutions on GPU also need
+        pass False there if the reversal reports drift; so did the toy experiment's
+        elementwise 2-D loss on CPU). Convolutions on GPU also need
         XLA_FLAGS=--xla_gpu_deterministic_ops=true.
       budget: memory that buys speed: the forward pass keeps the gradient and its VJP's
         residuals (the outputs of its matrix products computed from the weights; the
